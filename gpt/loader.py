@@ -1,0 +1,86 @@
+"""Batches of training sequences from the token files that data/data.py writes.
+
+A split (`train.bin`, `val.bin`) is one long memory-mapped array of token ids, cut into
+non-overlapping chunks of block_size + 1 tokens (input and its next-token target, stride block_size).
+Each epoch visits the chunks in a fresh random order drawn from (seed, epoch). Sequence number s of
+the run (counting over steps, micro-steps and ranks) is chunk perm_epoch[s mod n_chunks]:
+
+    micro-batch i of rank r  =  sequences  (i * world_size + r) * B  ...  (i * world_size + r + 1) * B - 1
+
+So batches are a pure function of (seed, i, rank): resuming needs only the counter i, the ranks'
+slices are disjoint, and together they cover every chunk of an epoch once, with no gaps.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        name = os.path.basename(os.path.normpath(data_dir))
+        raise FileNotFoundError(
+            f"no prepared dataset at {data_dir}/ (meta.json missing). Make it first, e.g.\n"
+            f"    python data/data.py                       # tiny shakespeare, char-level -> data/shakespeare_char\n"
+            f"    python data/data.py --input 'my/*.txt' --name {name}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_split(data_dir, split):
+    """The token ids of one split as a read-only memmap."""
+    meta = load_meta(data_dir)
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; re-run data/data.py for this dataset")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+class Loader:
+    def __init__(self, data, batch_size, block_size, seed=0, rank=0, world_size=1, device="cpu"):
+        self.data, self.B, self.T = data, batch_size, block_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self.n_chunks = (len(data) - 1) // block_size
+        if self.n_chunks < 1:
+            raise ValueError(f"this split has {len(data)} tokens, too few for one sequence of "
+                             f"block_size {block_size} (+1 target); lower block_size or add data")
+        self.index = 0  # the next micro-batch to hand out
+        self._perms = {}
+
+    def _perm(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)}
+        return self._perms[epoch]
+
+    def get(self, i):
+        """Micro-batch i of this rank: x, y of shape (B, T), int64, on the loader's device."""
+        first = (i * self.world_size + self.rank) * self.B
+        rows = []
+        for s in range(first, first + self.B):
+            chunk = self._perm(s // self.n_chunks)[s % self.n_chunks]
+            rows.append(self.data[chunk * self.T: chunk * self.T + self.T + 1])
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        x, y = batch[:, :-1], batch[:, 1:]
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x, y = x.contiguous().to(self.device), y.contiguous().to(self.device)
+        return x, y
+
+    def next(self):
+        batch = self.get(self.index)
+        self.index += 1
+        return batch
+
+    def state_dict(self):
+        return {"index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader seed {self.seed} differs from the checkpoint's {state['seed']}")
+        self.index = state["index"]

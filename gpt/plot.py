@@ -1,0 +1,57 @@
+"""Plots, drawn with matplotlib's Agg backend (no display needed): loss curves of a run, several
+runs overlaid, and heat maps (attention weights, expert usage)."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(path):
+    """Records of a run's log.jsonl."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def loss_curves(records, path, title="loss"):
+    """Train and val loss against tokens seen, from log.jsonl records, saved to path (PNG)."""
+    return compare({"": records}, path, title=title)
+
+
+def compare(runs, path, title="loss", x="tokens"):
+    """Overlay several runs: runs = {label: records}. Train loss dotted, val loss solid."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, records) in enumerate(runs.items()):
+        color = f"C{i}"
+        prefix = f"{label} " if label else ""
+        train = [(r[x], r["loss"]) for r in records if r.get("kind") == "train"]
+        val = [(r[x], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.45, lw=1, label=f"{prefix}train")
+        if val:
+            ax.plot(*zip(*val), color=color, marker="o", ms=3, lw=1.8, label=f"{prefix}val")
+    ax.set_xlabel(x)
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(matrix, path, title, xlabel, ylabel, cmap="viridis"):
+    """A 2-D array as an image with a colour bar (attention weights, expert counts per layer)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    im = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest")
+    fig.colorbar(im, ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
