@@ -84,3 +84,24 @@ class Loader:
         if state["seed"] != self.seed:
             raise ValueError(f"loader seed {self.seed} differs from the checkpoint's {state['seed']}")
         self.index = state["index"]
+
+# ------------------------------------------------------------------------------------------------
+# The notebooks' text
+
+def notebook_text():
+    """The tiny-shakespeare text the notebooks (nb/*.ipynb) learn from, read by data/data.py's
+    read_text: the file named by the environment variable GPT_NB_TEXT when it is set (the test
+    suite writes a small text and names it there), otherwise data/raw/tinyshakespeare.txt, which
+    `python data/data.py` downloads."""
+    from data.data import read_text  # data/data.py, the one reader of raw text
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("GPT_NB_TEXT") or os.path.join(root, "data", "raw", "tinyshakespeare.txt")
+    if not os.path.exists(path):
+        if os.environ.get("GPT_NB_TEXT"):
+            raise FileNotFoundError(f"GPT_NB_TEXT names {path}, which does not exist")
+        raise FileNotFoundError(
+            f"no text for the notebooks at {path}. Download tiny shakespeare first:\n"
+            f"    python data/data.py\n"
+            f"or point the environment variable GPT_NB_TEXT at any UTF-8 text file.")
+    return read_text(path)
