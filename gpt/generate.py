@@ -23,8 +23,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # tokens after the nucleus is full
+        probs = sorted_logits.softmax(dim=-1)  # (B, V)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus is full
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

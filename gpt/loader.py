@@ -2,8 +2,10 @@
 
 A split (`train.bin`, `val.bin`) is one long memory-mapped array of token ids, cut into
 non-overlapping chunks of block_size + 1 tokens (input and its next-token target, stride block_size).
-Each epoch visits the chunks in a fresh random order drawn from (seed, epoch). Sequence number s of
-the run (counting over steps, micro-steps and ranks) is chunk perm_epoch[s mod n_chunks]:
+Each epoch draws from (seed, epoch) a shift of the chunk boundaries (0 .. block_size-1 tokens, so
+the model does not see the same cuts every epoch, which makes it overfit faster) and a random order
+of the chunks. Sequence number s of the run (counting over steps, micro-steps and ranks) is chunk
+perm_epoch[s mod n_chunks], starting at token shift_epoch + chunk * block_size:
 
     micro-batch i of rank r  =  sequences  (i * world_size + r) * B  ...  (i * world_size + r + 1) * B - 1
 
@@ -21,13 +23,25 @@ import torch
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        name = os.path.basename(os.path.normpath(data_dir))
-        raise FileNotFoundError(
-            f"no prepared dataset at {data_dir}/ (meta.json missing). Make it first, e.g.\n"
-            f"    python data/data.py                       # tiny shakespeare, char-level -> data/shakespeare_char\n"
-            f"    python data/data.py --input 'my/*.txt' --name {name}")
+        raise FileNotFoundError(f"no prepared dataset at {data_dir}/ (meta.json missing); make it "
+                                f"first: {prepare_command(data_dir)}")
     with open(path) as f:
         return json.load(f)
+
+
+def prepare_command(data_dir):
+    """The data/data.py command line that builds the dataset folder data_dir."""
+    root, name = os.path.split(os.path.normpath(data_dir))
+    source, _, kind = name.rpartition("_")
+    if source in ("shakespeare", "tinystories") and kind in ("char", "byte", "gpt2", "bpe"):
+        args = [source] if source != "shakespeare" else []
+        args += [f"--tokenizer {kind}"] if kind != "char" else []
+    else:
+        args = [f"--input PATH_OR_GLOB --name {name}"]
+    repo_data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+    if os.path.abspath(root) != repo_data:
+        args.append(f"--out-root {root}")
+    return " ".join(["python data/data.py"] + args)
 
 
 def open_split(data_dir, split):
@@ -40,20 +54,26 @@ def open_split(data_dir, split):
 
 
 class Loader:
-    def __init__(self, data, batch_size, block_size, seed=0, rank=0, world_size=1, device="cpu"):
+    def __init__(self, data, batch_size, block_size, seed=0, rank=0, world_size=1, device="cpu",
+                 name="this"):
+        """name: what to call the split in error messages ("train", "val")."""
         self.data, self.B, self.T = data, batch_size, block_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
-        self.n_chunks = (len(data) - 1) // block_size
+        whole = (len(data) - 1) // block_size  # chunks that fit with no shift
+        self.n_chunks = whole - 1 if whole > 1 else whole  # keep one chunk of slack for the shift
+        self.max_shift = min(block_size - 1, len(data) - 1 - self.n_chunks * block_size)
         if self.n_chunks < 1:
-            raise ValueError(f"this split has {len(data)} tokens, too few for one sequence of "
-                             f"block_size {block_size} (+1 target); lower block_size or add data")
+            raise ValueError(f"the {name} split has {len(data)} tokens, too few for block_size {block_size} "
+                             f"(one sequence needs {block_size + 1}); lower --block_size or add data")
         self.index = 0  # the next micro-batch to hand out
         self._perms = {}
 
-    def _perm(self, epoch):
+    def _epoch(self, epoch):
+        """(shift, order of the chunks) of an epoch."""
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)}
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms = {epoch: (int(rng.integers(self.max_shift + 1)), rng.permutation(self.n_chunks))}
         return self._perms[epoch]
 
     def get(self, i):
@@ -61,8 +81,9 @@ class Loader:
         first = (i * self.world_size + self.rank) * self.B
         rows = []
         for s in range(first, first + self.B):
-            chunk = self._perm(s // self.n_chunks)[s % self.n_chunks]
-            rows.append(self.data[chunk * self.T: chunk * self.T + self.T + 1])
+            shift, perm = self._epoch(s // self.n_chunks)
+            start = shift + perm[s % self.n_chunks] * self.T
+            rows.append(self.data[start: start + self.T + 1])
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
         x, y = batch[:, :-1], batch[:, 1:]
         if self.device.type == "cuda":
@@ -84,6 +105,7 @@ class Loader:
         if state["seed"] != self.seed:
             raise ValueError(f"loader seed {self.seed} differs from the checkpoint's {state['seed']}")
         self.index = state["index"]
+
 
 # ------------------------------------------------------------------------------------------------
 # The notebooks' text

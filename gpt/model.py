@@ -7,9 +7,13 @@ follows nanoGPT's model.py.
     h_l = h_{l-1} + mixer_l(norm(h_{l-1}));  h_l = h_l + ffn_l(norm(h_l))       l = 1 .. n_layer
     logits = norm(h_L) E^T                                                      (tied head)
 
-Each layer's mixer comes from its letter in `config.layers` (G: global causal attention) and its
-feed-forward from `config.ffn`. The seams every concept plugs into (see shared/DESIGN.md):
-  - mixers share one interface: forward(x, pos, cache=None) and new_cache(...);
+Each layer's mixer comes from its letter in `config.layers` (G: global causal attention, L: local
+sliding-window attention, both MHA/GQA or, with config.attn="mla", multi-head latent attention) and
+its feed-forward from `config.ffn`; every mod_every-th block is wrapped by mixture-of-depths
+(mod.py: only the top tokens go through it). The seams every concept plugs into (see shared/DESIGN.md):
+  - mixers share one interface: forward(x, pos, cache=None) and new_cache(...); the layers of a
+    KV-sharing group (config.kv_share) are handed one cache object (or, without a cache, one
+    attention.SharedKV per forward) through which the group's first layer passes its keys/values;
   - layers with auxiliary losses or statistics expose `aux_loss` / `stats` after a forward,
     gathered by `GPT.aux_loss()` / `GPT.stats()`; `GPT.after_step()` runs their post-step updates;
   - each layer reports `flops_per_token(T)` (and `active_params()` when not all its weights are
@@ -23,8 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.attention import CausalSelfAttention
+from gpt import bitnet
+from gpt.attention import CausalSelfAttention, kv_owners, link_caches, shared_kv_slots
 from gpt.config import GPTConfig
+from gpt.linear_attention import LinearAttention
+from gpt.loss import cross_entropy, linear_cross_entropy
+from gpt.mamba import Mamba2
+from gpt.mla import MultiHeadLatentAttention
+from gpt.mod import MoD
+from gpt.moe import MoA, MoE
+from gpt.peer import PEER
 
 
 class RMSNorm(nn.Module):
@@ -69,12 +81,23 @@ class MLP(nn.Module):
 
 def make_mixer(config, letter, layer_idx):
     """The module for one layer-pattern letter (see LAYER_LETTERS in config.py)."""
-    if letter == "G":
-        return CausalSelfAttention(config)
+    if letter == "G" and config.attn_experts:  # mixture of attention heads (moe.py)
+        return MoA(config)
+    if letter in ("G", "L"):  # attention, global or sliding-window, KV sharing; config.attn picks
+        window = config.window if letter == "L" else None  # multi-head (GQA/MQA) or latent (mla.py)
+        attention = MultiHeadLatentAttention if config.attn == "mla" else CausalSelfAttention
+        return attention(config, window, reads_kv=kv_owners(config)[layer_idx] != layer_idx)
+    if letter == "M":
+        return Mamba2(config)
+    if letter == "H":  # Hedgehog linear attention with a softmax window (linear_attention.py)
+        return LinearAttention(config)
     raise ValueError(f"no mixer for layer letter {letter!r}")
 
 
 def make_ffn(config, layer_idx):
+    """The MLP, or the sparse ffn of config.ffn on every moe_every-th layer (Jamba style)."""
+    if config.ffn != "mlp" and layer_idx % config.moe_every == config.moe_every - 1:
+        return MoE(config) if config.ffn == "moe" else PEER(config)
     return MLP(config)
 
 
@@ -93,6 +116,9 @@ class Block(nn.Module):
 
     def flops_per_token(self, seq_len):
         return self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len)
+
+    def new_cache(self, batch_size, max_len, device, dtype):
+        return self.mixer.new_cache(batch_size, max_len, device, dtype)
 
 
 class Cache(list):
@@ -115,11 +141,15 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        for i in config.routed_layers():  # mixture-of-depths wraps whole blocks (mod.py)
+            self.blocks[i] = MoD(self.blocks[i], config)
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
+        if config.bitnet != "none":  # ternary BitLinear layers swapped in place, init kept (bitnet.py)
+            bitnet.apply(self, config.bitnet)
 
     def _init_weights(self, module):
         """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 n_layer)."""
@@ -135,7 +165,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids. targets: (B, T) or None (-1 = ignore). cache: from new_cache().
 
-        Returns (logits, loss). Without targets only the last position's logits are computed,
+        Returns (logits, loss); with config.loss="fused" and targets, logits is None (loss.py).
+        Without targets only the last position's logits are computed,
         (B, 1, V), which is all that generation needs. With a cache the tokens continue the
         cached sequence and the cache is updated.
         """
@@ -148,23 +179,27 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)  # (B, T, C)
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, pos, cache[i] if cache is not None else None)  # (B, T, C)
+        layer_caches = cache if cache is not None else shared_kv_slots(self.config)
+        for block, layer_cache in zip(self.blocks, layer_caches):
+            x = block(x, pos, layer_cache)  # (B, T, C)
         if cache is not None:
             cache.seen += T
         x = self.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        if self.config.loss == "fused":  # the (B, T, V) logits are never made: logits is None
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return logits, cross_entropy(logits, targets)
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
-        """Empty per-layer caches for generation (see each mixer's new_cache)."""
+        """Empty per-layer caches for generation (see each mixer's new_cache); the layers of a
+        KV-sharing group get one cache object, their first layer's."""
         max_len = max_len or self.config.block_size
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
-        return Cache([b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.blocks])
+        return Cache(link_caches(kv_owners(self.config), lambda i: self.blocks[i].new_cache(
+            batch_size, max_len, device, dtype)))
 
     # --------------------------------------------------------------------------------------------
     # Aux losses and stats: layers set `aux_loss` (a scalar tensor) and/or `stats` (a dict of tensors)
@@ -212,6 +247,22 @@ class GPT(nn.Module):
         seq_len = seq_len or self.config.block_size
         head = 6 * self.lm_head.weight.numel()
         return head + sum(b.flops_per_token(seq_len) for b in self.blocks)
+
+
+def compile_model(model, mode="default", blocks=False):
+    """torch.compile for training; returns the module to call.
+
+    Whole model (blocks=False): one graph, the fastest steps, but a cold compile of a 12-layer model
+    takes about a minute. blocks=True compiles each Block in place instead ("regional
+    compilation"): Dynamo compiles one block's code once and reuses it for every block of the same
+    structure, so a cold compile takes seconds; the embedding, final norm, head and loss stay eager.
+    """
+    mode = None if mode == "default" else mode
+    if not blocks:
+        return torch.compile(model, mode=mode)
+    for block in model.blocks:
+        block.compile(mode=mode)
+    return model
 
 
 # Dense bf16 tensor-core peak, FLOP/s, by GPU name (datasheet figures, without sparsity).

@@ -45,3 +45,18 @@ def tiny_config(**kw):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """torch on one thread in every test module: tiny models run faster so on a shared CPU (a second
+    thread only adds synchronisation), and a bitwise comparison with train.py processes started with
+    OMP_NUM_THREADS=1 needs the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bench/gpu_check.sh runs `pytest -m gpu`)")

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The GPU check: every helper's GPU tests, the speed table, and the shakespeare-char runs, in about
+# 8 minutes on one H100. Each step has its own time limit and the run goes on past a failure; the
+# summary comes last.
+#
+#   bash bench/gpu_check.sh                  # all parts: pytest bench train
+#   bash bench/gpu_check.sh bench            # only some parts (pytest, bench, train)
+#
+# Needs: python3 with torch (CUDA), numpy, tqdm, matplotlib, tiktoken; pytest for the tests
+# (carried wheels on PYTHONPATH); tiny shakespeare as text at $DATA_TXT or one of the paths below.
+# Results go to $OUT (default bench/out): summary.txt, bench.md, bench.json, speedrun_loss.png,
+# muon_vs_adamw.png, logs.tar.gz (every log, log.jsonl, loss.png and config.json).
+# A dry run of the script's logic on a CPU, in a minute or two:
+#   OUT=/tmp/gc BENCH_ARGS="--quick --rows gpt2,speedrun" TRAIN_ARGS="--device cpu --max_iters 20
+#   --eval_interval 10 --n_layer 2 --n_head 2 --n_embd 64 --block_size 64" bash bench/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+PY=${PYTHON:-python3}
+LIMIT=${LIMIT:-510}  # seconds for the whole check; a step never runs past it
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PARTS=" ${*:-pytest bench train} "
+T0=$(date +%s)
+SUMMARY=()
+
+# step NAME SECONDS CMD...: run CMD with a time limit (cut to what is left of LIMIT), log to $LOGS/NAME.log
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((LIMIT - ($(date +%s) - T0)))
+  if [ "$left" -lt 15 ]; then
+    SUMMARY+=("$name: SKIPPED (check's ${LIMIT}s spent)")
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s): $*"
+  local t=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  local note=""
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" TIMED OUT"
+  SUMMARY+=("$name: rc=$rc$note, $(( $(date +%s) - t ))s")
+  tail -n 4 "$LOGS/$name.log"
+  return $rc
+}
+
+# --- preflight -----------------------------------------------------------------------------------
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.limit --format=csv,noheader 2>&1 | head -2
+$PY - <<'EOF' 2>&1 | tee "$LOGS/preflight.log"
+import importlib.util, torch
+print(f"torch {torch.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, "
+      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
+missing = [m for m in ("numpy", "tqdm", "matplotlib", "tiktoken", "pytest") if importlib.util.find_spec(m) is None]
+print("missing modules:", ", ".join(missing) or "none")
+EOF
+
+# --- data ----------------------------------------------------------------------------------------
+if [[ $PARTS == *" train "* ]]; then
+  TXT=""
+  for c in "${DATA_TXT:-}" bench/data/tinyshakespeare.txt shared/data/tinyshakespeare.txt \
+           ../shared/data/tinyshakespeare.txt data/raw/tinyshakespeare.txt; do
+    if [ -n "$c" ] && [ -f "$c" ]; then TXT=$c; break; fi
+  done
+  if [ -n "$TXT" ]; then
+    step data 60 $PY data/data.py --input "$TXT" --name shakespeare_char
+  else
+    SUMMARY+=("data: NO TEXT FOUND (set DATA_TXT, or copy tinyshakespeare.txt to bench/data/)")
+  fi
+fi
+
+# --- the shakespeare-char baseline (learned positions) and the same with RoPE, same budget --------------
+run() {  # run NAME SECONDS ARGS...: train.py into out/gpu-NAME
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" $PY train.py --out_dir "out/gpu-$name" --overwrite "$@" ${TRAIN_ARGS:-}
+}
+if [[ $PARTS == *" train "* ]]; then
+  run baseline 80 --preset shakespeare-char
+  step sample 30 $PY sampling.py --out_dir out/gpu-baseline --num-samples 1 --max-new-tokens 400
+  run rope 80 --preset shakespeare-char --pos rope
+fi
+
+# --- GPU tests of every concept --------------------------------------------------------------------
+if [[ $PARTS == *" pytest "* ]]; then
+  step pytest 150 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --ignore=tests/test_notebooks.py  # rc 5: no GPU test was collected
+fi
+
+# --- speed table -----------------------------------------------------------------------------------
+if [[ $PARTS == *" bench "* ]]; then
+  step bench 200 $PY bench.py ${BENCH_ARGS:-} --json "$OUT/bench.json" --budget-s "${BENCH_BUDGET:-150}"
+  sed -n '/^| row/,$p' "$LOGS/bench.log" > "$OUT/bench.md"
+fi
+
+# --- the speedrun preset, Muon and AdamW ---------------------------------------------------------------
+if [[ $PARTS == *" train "* ]]; then
+  run speedrun 50 --preset shakespeare-char-speedrun
+  run speedrun-adamw 50 --preset shakespeare-char-speedrun --optimizer adamw
+fi
+
+# --- results -----------------------------------------------------------------------------------------
+for d in out/gpu-*; do
+  [ -d "$d" ] || continue
+  n=$(basename "$d")
+  for f in log.jsonl loss.png config.json; do [ -f "$d/$f" ] && cp "$d/$f" "$LOGS/${n}_$f"; done
+done
+[ -f out/gpu-speedrun/loss.png ] && cp out/gpu-speedrun/loss.png "$OUT/speedrun_loss.png"
+[ -f "$OUT/bench.json" ] && cp "$OUT/bench.json" "$LOGS/"
+$PY - "$OUT" "$LOGS" > "$LOGS/summary_runs.txt" 2>&1 <<'EOF'
+import json, os, sys
+out, logs = sys.argv[1], sys.argv[2]
+def records(name):
+    path = os.path.join("out", f"gpu-{name}", "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+runs = {}
+for name in ("baseline", "rope", "speedrun", "speedrun-adamw"):
+    recs = records(name)
+    runs[name] = recs
+    evals = [r for r in recs if r["kind"] == "eval"]
+    train = [r for r in recs if r["kind"] == "train"]
+    if not evals:
+        print(f"{name:15s} no evaluations logged")
+        continue
+    best = min(evals, key=lambda r: r["val_loss"])
+    hit = next((r for r in evals if r["val_loss"] <= 1.47), None)
+    hit_s = f"val<=1.47 at step {hit['step']}, {hit.get('since_launch', float('nan')):.1f}s from launch" \
+        if hit else "val never <= 1.47"
+    speed = f", {train[-1]['tok_per_s']:,.0f} tok/s" if train else ""
+    print(f"{name:15s} best val {best['val_loss']:.4f} (step {best['step']}); {hit_s}; "
+          f"last step {evals[-1]['step']} at {evals[-1].get('since_launch', float('nan')):.1f}s{speed}")
+if runs.get("speedrun") and runs.get("speedrun-adamw"):
+    sys.path.insert(0, os.getcwd())
+    from gpt import plot
+    plot.compare({"Muon": runs["speedrun"], "AdamW": runs["speedrun-adamw"]},
+                 os.path.join(out, "muon_vs_adamw.png"),
+                 title="shakespeare-char-speedrun: Muon vs AdamW, same model and tokens")
+    print("plot:", os.path.join(out, "muon_vs_adamw.png"))
+EOF
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+{
+  echo "=== gpu_check summary ($(( $(date +%s) - T0 ))s in all; logs in $OUT/logs.tar.gz)"
+  head -2 "$LOGS/preflight.log"
+  printf '%s\n' "${SUMMARY[@]}"
+  [ -f "$LOGS/pytest.log" ] && echo "pytest: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/pytest.log" | tail -1)"
+  [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+  cat "$LOGS/summary_runs.txt"
+  [ -f "$LOGS/sample.log" ] && { echo "--- sample from out/gpu-baseline"; tail -c 700 "$LOGS/sample.log"; }
+} | tee "$OUT/summary.txt"

@@ -1,0 +1,77 @@
+"""train.py end to end (issue 2): a few steps of a tiny model on the tiny dataset write config.json,
+log.jsonl, loss.png and ckpt.pt; a bad command line fails clearly. Resume, signals, faults and
+bad inputs are in test_reliability.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from gpt import checkpoint
+from gpt.plot import read_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_train(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = run_train("--preset", "cpu-tiny", "--data_dir", data_root, "--dataset", "tiny_char", "--out_dir", out,
+                     "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+                     "--batch_size", "8", "--max_iters", "20", "--eval_interval", "10", "--log_interval", "5",
+                     "--lr", "3e-3", "--warmup_iters", "5", "--device", "cpu", "--compile", "false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def test_writes_config_log_plot_and_checkpoint(run):
+    out, stdout = run
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "log.jsonl", "loss.png"]
+    assert "done: best val loss" in stdout
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["n_layer"] == 2 and config["train"]["max_iters"] == 20
+    assert config["model"]["vocab_size"] % 64 == 0  # the char vocabulary, padded
+
+    records = read_log(out / "log.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert all(r["tok_per_s"] > 0 and r["bad_steps"] == 0 for r in train_records)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learns
+
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = checkpoint.load(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 20 and ckpt["model_config"] == config["model"]
+    model = train.GPT(checkpoint.model_config(ckpt))
+    model.load_state_dict(ckpt["model"])  # the uncompiled model's own keys
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_embed", "64"], "error: unknown config key 'n_embed'. Did you mean n_embd"),
+    (["--max_iters", "ten"], "error: --max_iters expects an int, got 'ten'"),
+])
+def test_bad_command_lines_fail_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="picks shakespeare-char on a GPU")
+def test_without_a_gpu_the_default_is_cpu_tiny(data_root, tmp_path, capsys):
+    train.main(["--data_dir", data_root, "--dataset", "tiny_char", "--out_dir", str(tmp_path),
+                "--max_iters", "1", "--eval_iters", "1"])
+    assert "using --preset cpu-tiny" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["n_embd"] == 128
