@@ -378,12 +378,13 @@ PRESETS = {
         batch_size=64, eval_interval=100, eval_iters=6, log_interval=50, save_interval=1500,
         compile=False,
     ),
-    # A model that learns tiny shakespeare on a laptop CPU in about a minute.
+    # A model that learns tiny shakespeare on a laptop CPU in about a minute and a half (val loss
+    # ~1.7 on 2 cores). RoPE and ReLU^2 buy more per second here than learned positions and GELU.
     "cpu-tiny": dict(
         dataset="shakespeare_char", out_dir="out/cpu-tiny",
-        n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-        batch_size=32, lr=2e-3, min_lr=2e-4, beta2=0.99, warmup_iters=50, max_iters=1200,
-        eval_interval=200, eval_iters=20, compile=False,
+        n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pos="rope", activation="relu2",
+        batch_size=32, lr=2e-3, min_lr=2e-4, beta2=0.99, warmup_iters=50, max_iters=700,
+        eval_interval=100, eval_iters=20, compile=False,
     ),
     # Mixture of mixtures (issue 7, the seed design "MoM"): cpu-tiny's size in Jamba-style blocks with
     # the mixtures on: Mamba-2 and attention layers, a DeepSeekMoE feed-forward in every block, and

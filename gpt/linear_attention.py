@@ -341,6 +341,8 @@ def linearized_config(config, window=64, features=0):
         raise ValueError("linearizing needs plain multi-head attention layers (attn='mha', attn_experts=0, "
                          "kv_share=1, mod_every=0): an H layer takes its q, k, v and output projections "
                          "from one softmax layer")
+    if not set(config.layers) & set(ATTENTION_LETTERS):
+        raise ValueError(f"layers={config.layers!r} has no attention layer (G, L) to linearize")
     layers = "".join("H" if c in ATTENTION_LETTERS else c for c in config.layers)
     return dataclasses.replace(config, layers=layers, linear_window=window, linear_features=features)
 

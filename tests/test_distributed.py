@@ -91,6 +91,22 @@ def test_single_process_resumes_an_fsdp_checkpoint(runs, data_root, tmp_path):
     assert "done" in r.stdout
 
 
+def test_fsdp_resumes_a_single_process_checkpoint(runs, data_root, tmp_path):
+    import shutil
+    out = str(tmp_path / "single_then_fsdp")
+    shutil.copytree(runs["single"][0], out)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29800 + os.getpid() % 150), "train.py", "--resume",
+                        "--out_dir", out, "--max_iters", "15", "--data_dir", data_root, "--batch_size", "4",
+                        "--parallel", "fsdp"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert max(steps) == 15
+
+
 def test_bytes_communicated_ddp_vs_diloco(runs):
     from sampling import load_model
     model, _ = load_model(runs["ddp"][0])
