@@ -183,22 +183,11 @@ def main(argv=None):
 
 def transfer_plot(records, config, path, title):
     """Stage 1's MSE per layer against steps, log scale."""
-    plt = plot.plt
     steps = [r["step"] for r in records if r["kind"] == "transfer"]
     mse = [r["mse"] for r in records if r["kind"] == "transfer"]
     layers = [i for i, c in enumerate(config.layer_kinds()) if c == "H"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for layer, curve in zip(layers, zip(*mse)):
-        ax.plot(steps, curve, label=f"layer {layer}")
-    ax.set_yscale("log")
-    ax.set_xlabel("attention-transfer step")
-    ax.set_ylabel("MSE to the softmax layer's output")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot.lines({f"layer {layer}": (steps, curve) for layer, curve in zip(layers, zip(*mse))}, path,
+               title, "attention-transfer step", "MSE to the softmax layer's output", logy=True)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,17 @@ def compare(runs, path, title="loss", x="tokens"):
             ax.plot(*zip(*train), color=color, alpha=0.45, lw=1, label=f"{prefix}train")
         if val:
             ax.plot(*zip(*val), color=color, marker="o", ms=3, lw=1.8, label=f"{prefix}val")
-    ax.set_xlabel(x)
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, x, "cross-entropy loss (nats/token)")
+
+
+def lines(series, path, title, xlabel, ylabel, logy=False):
+    """Named curves on one plot: series = {label: (xs, ys)} (e.g. per-layer MSE against steps)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    if logy:
+        ax.set_yscale("log")
+    return _finish(fig, ax, path, title, xlabel, ylabel)
 
 
 def heatmap(matrix, path, title, xlabel, ylabel, cmap="viridis"):
@@ -48,9 +50,20 @@ def heatmap(matrix, path, title, xlabel, ylabel, cmap="viridis"):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     im = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest")
     fig.colorbar(im, ax=ax)
+    for axis in (ax.xaxis, ax.yaxis):  # rows and columns are whole things: layers, experts, tokens
+        axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return _finish(fig, ax, path, title, xlabel, ylabel, grid=False, legend=False)
+
+
+def _finish(fig, ax, path, title, xlabel, ylabel, grid=True, legend=True):
+    """Label, save as PNG and close a figure; returns path."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -36,6 +36,18 @@ def data_root(tmp_path_factory, text_file):
     return str(root)
 
 
+def assert_causal(model, T=20, cut=12, vocab=64):
+    """Changing the tokens from position `cut` on leaves every earlier logit unchanged; returns both
+    logits, (2, T, V) each."""
+    a = torch.randint(0, vocab, (2, T))
+    b = a.clone()
+    b[:, cut:] = torch.randint(0, vocab, (2, T - cut))
+    la, _ = model(a, a)
+    lb, _ = model(b, b)
+    torch.testing.assert_close(la[:, :cut], lb[:, :cut])
+    return la, lb
+
+
 def tiny_config(**kw):
     base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
     base.update(kw)
