@@ -109,9 +109,3 @@ def check_compatible(ckpt, config):
     if diff:
         raise ValueError(f"the checkpoint's model does not match this config: {', '.join(diff)}; "
                          f"a resumed run keeps its model, so drop those overrides")
-
-
-def unwrap(model):
-    """The plain nn.Module under torch.compile / DDP wrappers, whose state_dict keys are clean."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
