@@ -399,11 +399,6 @@ class KVCache:
         self.length += T
         return self.last
 
-    def append(self, k, v):
-        """Store k, v: (B, nkv, T, hs); return all keys and values so far: (B, nkv, length, hs)."""
-        self.update(k, v, None)
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
-
     def nbytes(self):
         return self.k.nbytes + self.v.nbytes
 

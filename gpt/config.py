@@ -212,15 +212,8 @@ class GPTConfig:
             if kinds[i] not in ("G", "L"):
                 raise ValueError(f"layer {i} is routed (mod_every={self.mod_every}) but is {kinds[i]!r}: only "
                                  "attention layers (G, L) can be routed; change layers or mod_every")
-            if kinds[i] == "G" and self.attn_experts:
-                raise ValueError(f"layer {i} is routed (mod_every={self.mod_every}) but its G layer is a "
-                                 "mixture of attention heads, whose cache assumes keys at positions 0, 1, ...: "
-                                 "change mod_every so that no G layer is routed, or set attn_experts=0")
         if self.mod_every and self.kv_share > 1:
             raise ValueError("mod_every > 0 needs kv_share=1: a routed layer caches its own token subset")
-        if self.mod_every and self.attn == "mla":
-            raise ValueError("mod_every > 0 needs attn='mha': MLA's absorbed path masks with one (T,) row "
-                             "of positions, and routed tokens have a row of positions per sequence")
 
     def routed_layers(self):
         """Indices of the layers wrapped by mixture-of-depths (mod.py): every mod_every-th."""
@@ -387,13 +380,14 @@ PRESETS = {
         eval_interval=100, eval_iters=20, compile=False,
     ),
     # Mixture of mixtures (issue 7, the seed design "MoM"): cpu-tiny's size in Jamba-style blocks with
-    # the mixtures on: Mamba-2 and attention layers, a DeepSeekMoE feed-forward in every block, and
-    # mixture-of-depths routing the attention blocks (mod.py). Not the mixture of attention heads:
-    # a routed G layer cannot be MoA yet (config.py's _check_mod says why).
+    # the mixtures on: Mamba-2 and attention layers, a DeepSeekMoE feed-forward in every block, the
+    # mixture of attention heads in the attention layers (moe.py's MoA: 4 experts of 2 query heads,
+    # 2 per token), and mixture-of-depths routing the attention blocks (mod.py).
     "mixture-of-mixtures": dict(
         dataset="shakespeare_char", out_dir="out/mixture-of-mixtures",
         n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, layers="MG", pos="rope",
         ffn="moe", moe_every=1, n_expert=8, n_expert_active=2, n_shared_expert=1,
+        attn_experts=4, attn_experts_active=2,
         mamba_d_state=16, mamba_head_dim=32, mamba_chunk_size=16,
         mod_every=2, mod_capacity=0.25,
         batch_size=32, lr=2e-3, min_lr=2e-4, beta2=0.99, warmup_iters=50, max_iters=1200,

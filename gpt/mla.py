@@ -127,8 +127,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     # --------------------------------------------------------------------------------------------
     def forward(self, x, pos, cache=None):
-        """x: (B, T, C); pos: (T,) absolute positions; cache: a LatentCache, LatentRingCache,
-        SharedKV or None.
+        """x: (B, T, C); pos: (T,) absolute positions, or (B, T) for the tokens a MoD block routed;
+        cache: a LatentCache, LatentRingCache, SharedKV, RoutedCache or RoutedPositions (mod.py), or None.
 
         Without a cache, or into an empty one (prefill), the expanded path runs (the flash kernels);
         against a cache that already holds tokens (decoding), the absorbed one. `self.absorb`
@@ -155,8 +155,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def expanded(self, q, q_rope, c_kv, k_rope, q_pos, k_pos, dropout=0.0):
         """Per-head keys and values from the latents, then attend(). q: (B, nh, T, dn), q_rope:
-        (B, nh, T, dr), c_kv: (B, S, r), k_rope: (B, S, dr); q_pos, k_pos: (T,), (S,) or both None
-        (keys = queries). Returns (B, nh, T, dv)."""
+        (B, nh, T, dr), c_kv: (B, S, r), k_rope: (B, S, dr); q_pos, k_pos: (T,), (S,), or per row
+        (B, T), (B, S), or both None (keys = queries). Returns (B, nh, T, dv)."""
         B, S, _ = c_kv.shape
         kv = self.wkv_b(c_kv).view(B, S, self.n_head, self.nope_dim + self.v_dim).transpose(1, 2)
         k, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, nh, S, dn), (B, nh, S, dv)
@@ -174,7 +174,10 @@ class MultiHeadLatentAttention(nn.Module):
         scores = (q_lat.reshape(B, nh * T, -1) @ c_kv.transpose(1, 2)
                   + q_rope.reshape(B, nh * T, -1) @ k_rope.transpose(1, 2))  # (B, nh*T, S)
         scores = scores.view(B, nh, T, -1) * self.scale  # (B, nh, T, S)
-        scores = scores.masked_fill(~visible(q_pos, k_pos, self.window), float("-inf"))
+        mask = visible(q_pos, k_pos, self.window)  # (T, S), or (B, T, S) for tokens a MoD block routed
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(1)  # (B, 1, T, S)
+        scores = scores.masked_fill(~mask, float("-inf"))
         p = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # bf16 -> fp32
         p = F.dropout(p, dropout).type_as(c_kv)  # (B, nh, T, S)
         o_lat = p.view(B, nh * T, -1) @ c_kv  # (B, nh*T, r): the weighted sum of latents

@@ -35,12 +35,11 @@ At inference the number of routed tokens varies per row; rows are packed to the 
 `RoutedCache` keeps only the routed tokens of that layer, each with its position.
 
 Which blocks can be routed (checked in config.py): attention layers G and L with multi-head,
-GQA or MQA attention. Not Mamba (M: padding tokens would advance its state), not the mixture of
-attention heads (its cached path takes the cached keys to sit at positions 0, 1, ...), not MLA (its
-absorbed path masks with one (T,) row of positions for the whole batch), not kv_share > 1 (a
-shared cache would hold a different token subset per layer). In an L layer the window counts
-positions, not routed tokens, so its routed attention always builds the mask from positions
-(`RoutedPositions`; no flash kernel, no attention dropout).
+GQA, MQA or latent attention (MLA), and G layers with the mixture of attention heads (MoA): each
+takes its keys' positions from the cache's update(), (B, S) here. Not Mamba (M: padding tokens would
+advance its state), not kv_share > 1 (a shared cache would hold a different token subset per
+layer). In an L layer the window counts positions, not routed tokens, so its routed attention
+always builds the mask from positions (`RoutedPositions`; no flash kernel, no attention dropout).
 
 FLOPs: a routed block costs capacity × its FLOPs at sequence length capacity·T, plus the router and
 the predictor. Config: mod_every (route blocks mod_every-1, 2·mod_every-1, ...; 0 = off),

@@ -244,7 +244,8 @@ class MoA(nn.Module):
         self.grouped = None
 
     def forward(self, x, pos, cache=None):
-        """x: (B, T, C); pos: (T,) absolute positions; cache: a KVCache or None."""
+        """x: (B, T, C); pos: (T,) absolute positions, or (B, T) for the tokens a MoD block routed;
+        cache: a KVCache, a RoutedCache (mod.py) or None."""
         B, T, C = x.shape
         k, hpe, hs = self.k, self.hpe, self.head_dim
         x2 = x.reshape(B * T, C)  # (N, C)
@@ -259,13 +260,14 @@ class MoA(nn.Module):
         if self.rotary is not None:
             q, kk = self.rotary(q, pos), self.rotary(kk, pos)
         q = q.to(v.dtype)
-        dropout = self.dropout if self.training else 0.0
         # query head i*k + j reads key/value head (i*k + j) // k = i, as attend()'s GQA maps them
-        if cache is None:
-            y = attend(q, kk, v, dropout=dropout)  # (B, hpe*k, T, hs)
+        k_pos = None
+        if cache is not None:
+            kk, v, k_pos = cache.update(kk, v, pos)  # (B, hpe, S, hs), (S,) or (B, S) (MoD) or None
+        if k_pos is None:
+            y = attend(q, kk, v, dropout=self.dropout if self.training else 0.0)  # (B, hpe*k, T, hs)
         else:
-            kk, v = cache.append(kk, v)  # (B, hpe, S, hs)
-            y = attend(q, kk, v, q_pos=pos, k_pos=torch.arange(cache.length, device=x.device))
+            y = attend(q, kk, v, q_pos=pos, k_pos=k_pos)
         y = y.view(B, hpe, k, T, hs).permute(0, 3, 2, 1, 4).reshape(B * T * k, hpe * hs)  # (N*k, hpe*hs)
         ys = expert_matmul(d.gather(y), self.wo, d.counts, self.grouped)  # (N*k, C) sorted
         out = (d.scatter(ys) * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)  # (N, C)

@@ -12,6 +12,7 @@ from gpt.config import PRESETS, GPTConfig
 from gpt.generate import generate
 from gpt.mod import MoD, RoutedCache, capacity_tokens
 from gpt.model import GPT, Block
+from gpt.moe import MoA
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -128,9 +129,17 @@ def changed_prefix(model, idx, t):
     return (a[:, :t] - b[:, :t]).abs().max().item()
 
 
-def test_top_k_routing_sees_the_future_and_the_predictor_does_not():
+MIXERS = {  # the attention kinds a routed block can hold, beside the default multi-head one
+    "rope": dict(pos="rope"),
+    "moa": dict(pos="rope", attn_experts=4, attn_experts_active=2),
+    "mla": dict(pos="rope", attn="mla"),
+}
+
+
+@pytest.mark.parametrize("case", MIXERS)
+def test_top_k_routing_sees_the_future_and_the_predictor_does_not(case):
     torch.manual_seed(1)
-    model = route_some(GPT(tiny_config(**MOD, pos="rope")))
+    model = route_some(GPT(tiny_config(**MOD, **MIXERS[case])))
     idx = torch.randint(0, 64, (4, 32))
     assert changed_prefix(model.train(), idx, 20) > 1e-3  # training-time top-k: not causal
     model.eval()  # the predictor: the past is untouched (up to rounding: the packed batch changes shape)
@@ -139,9 +148,10 @@ def test_top_k_routing_sees_the_future_and_the_predictor_does_not():
 
 
 CACHE_CASES = {
-    "rope": dict(pos="rope"),
+    **MIXERS,
     "learned-gqa": dict(n_kv_head=2),
     "local": dict(pos="rope", layers="L", window=6),
+    "mla-local": dict(pos="rope", attn="mla", layers="L", window=6),
     "moe": dict(pos="rope", ffn="moe", n_expert=4, n_expert_active=2, n_shared_expert=1),
 }
 
@@ -243,9 +253,7 @@ def test_flops_count_capacity_times_the_block_plus_router():
     (dict(mod_every=2, mod_capacity=1.5), "mod_capacity"),
     (dict(mod_every=5), "mod_every"),
     (dict(mod_every=2, layers="GM"), "only attention layers"),
-    (dict(mod_every=2, attn_experts=4), "mixture of attention heads"),
     (dict(mod_every=2, kv_share=2), "kv_share=1"),
-    (dict(mod_every=2, attn="mla", pos="rope"), "attn='mha'"),
 ])
 def test_config_rejects_what_cannot_be_routed(kw, words):
     with pytest.raises(ValueError, match=words):
@@ -263,7 +271,8 @@ def test_routed_layers():
 
 def test_mixture_of_mixtures_trains_and_samples(data_root, tmp_path, capsys):
     preset = PRESETS["mixture-of-mixtures"]
-    assert preset["mod_every"] and preset["ffn"] == "moe" and "M" in preset["layers"]
+    assert preset["mod_every"] and preset["ffn"] == "moe" and preset["attn_experts"]
+    assert "M" in preset["layers"]
     out = str(tmp_path / "mom")
     train.main(["--preset", "mixture-of-mixtures", "--data_dir", data_root, "--dataset", "tiny_char",
                 "--out_dir", out, "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
@@ -273,7 +282,7 @@ def test_mixture_of_mixtures_trains_and_samples(data_root, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "ROMEO:" in text
     model, _ = sampling.load_model(out)
-    assert sum(isinstance(b, MoD) for b in model.blocks) == 2
+    assert sum(isinstance(b, MoD) and isinstance(b.block.mixer, MoA) for b in model.blocks) == 2
 
 
 # ------------------------------------------------------------------------------------------------
