@@ -291,12 +291,13 @@ def bench_decode_at(mc, device, n_new, context, batch):
     sync(device_type)
     prefill_s = time.perf_counter() - t0
     next_id = logits.argmax(-1)  # (B, 1)
-    for step in range(n_new + 1):
-        if step == 1:  # the first step warms up
-            sync(device_type)
-            t0 = time.perf_counter()
-        logits, _ = model(next_id, cache=cache)
-        next_id = logits.argmax(-1)
+    with attention.decoding_kernels():  # as generate() decodes
+        for step in range(n_new + 1):
+            if step == 1:  # the first step warms up
+                sync(device_type)
+                t0 = time.perf_counter()
+            logits, _ = model(next_id, cache=cache)
+            next_id = logits.argmax(-1)
     sync(device_type)
     return {"decode_tok_s_cached": batch * n_new / (time.perf_counter() - t0), "prefill_s": prefill_s,
             "decode_context": context, "decode_batch": batch, "cache_bytes_per_seq": cache.nbytes() / batch}

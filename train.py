@@ -305,7 +305,8 @@ def main(argv=None):
             val_loss = evaluate()
             best_val = min(best_val, val_loss)
             last_eval = step
-            log({"kind": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
+            log({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
+                 "flops": step * flops_per_step, "val_loss": val_loss,
                  "best_val": best_val, "time": time.time() - t_start,
                  "since_launch": time.time() - LAUNCHED})
             if main_rank:
@@ -353,6 +354,7 @@ def main(argv=None):
             dt = time.time() - t_last
             tok_s = tokens_since / dt
             record = {"kind": "train", "step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                      "flops": (step + 1) * flops_per_step,
                       "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                       "bad_steps": bad.count(), "tok_per_s": tok_s, "time": time.time() - t_start,
                       "comm_bytes": comm.bytes}

@@ -3,8 +3,8 @@
 # 8 minutes on one H100. Each step has its own time limit and the run goes on past a failure; the
 # summary comes last.
 #
-#   bash bench/gpu_check.sh                  # all parts: pytest bench train
-#   bash bench/gpu_check.sh bench            # only some parts (pytest, bench, train)
+#   bash bench/gpu_check.sh                  # all parts: pytest bench train bpe
+#   bash bench/gpu_check.sh pytest bpe       # only some parts (pytest, bench, train, bpe)
 #
 # Needs: python3 with torch (CUDA), numpy, tqdm, matplotlib, tiktoken; pytest for the tests
 # (carried wheels on PYTHONPATH); tiny shakespeare as text at $DATA_TXT or one of the paths below.
@@ -21,7 +21,7 @@ LIMIT=${LIMIT:-510}  # seconds for the whole check; a step never runs past it
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PARTS=" ${*:-pytest bench train} "
+PARTS=" ${*:-pytest bench train bpe} "
 T0=$(date +%s)
 SUMMARY=()
 
@@ -37,7 +37,7 @@ step() {
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (limit ${limit}s): $*"
   local t=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  timeout -s INT --kill-after=15 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   local note=""
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" TIMED OUT"
@@ -57,16 +57,16 @@ print("missing modules:", ", ".join(missing) or "none")
 EOF
 
 # --- data ----------------------------------------------------------------------------------------
-if [[ $PARTS == *" train "* ]]; then
+if [[ $PARTS == *" train "* || $PARTS == *" bpe "* ]]; then
   TXT=""
   for c in "${DATA_TXT:-}" bench/data/tinyshakespeare.txt shared/data/tinyshakespeare.txt \
            ../shared/data/tinyshakespeare.txt data/raw/tinyshakespeare.txt; do
     if [ -n "$c" ] && [ -f "$c" ]; then TXT=$c; break; fi
   done
-  if [ -n "$TXT" ]; then
-    step data 60 $PY data/data.py --input "$TXT" --name shakespeare_char
-  else
+  if [ -z "$TXT" ]; then
     SUMMARY+=("data: NO TEXT FOUND (set DATA_TXT, or copy tinyshakespeare.txt to bench/data/)")
+  elif [[ $PARTS == *" train "* ]]; then
+    step data 60 $PY data/data.py --input "$TXT" --name shakespeare_char
   fi
 fi
 
@@ -83,8 +83,28 @@ if [[ $PARTS == *" train "* ]]; then
 fi
 
 # --- GPU tests of every concept --------------------------------------------------------------------
+# SIGINT first, so that pytest still prints its summary; pytest-timeout (when installed) dumps the
+# stack of a test that runs past PYTEST_TIMEOUT seconds.
 if [[ $PARTS == *" pytest "* ]]; then
-  step pytest 150 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --ignore=tests/test_notebooks.py  # rc 5: no GPU test was collected
+  PT_TIMEOUT=()
+  $PY -c "import pytest_timeout" 2>/dev/null && PT_TIMEOUT=(--timeout "${PYTEST_TIMEOUT:-90}")
+  step pytest "${PYTEST_LIMIT:-240}" $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=15 \
+    "${PT_TIMEOUT[@]}" --ignore=tests/test_notebooks.py  # rc 5: no GPU test was collected
+fi
+
+# --- the concepts against the dense baby GPT on tiny shakespeare in BPE tokens ----------------------
+# (issues 6, 7, 8, 9, 14): the same preset, one switch each; MoD gets the dense run's training FLOPs
+# (1.69x its steps); the linearized model reads 10% of the teacher's tokens (40 + 40 steps of 800).
+if [[ $PARTS == *" bpe "* && -n "$TXT" ]]; then
+  step data-bpe 60 $PY data/data.py --input "$TXT" --name shakespeare_bpe --tokenizer bpe --vocab-size 2048
+  run bpe-dense 60 --preset shakespeare-bpe
+  run bpe-moe 90 --preset shakespeare-bpe --ffn moe
+  run bpe-bitnet 60 --preset shakespeare-bpe --bitnet all_but_attention
+  run bpe-samba 90 --preset shakespeare-bpe --layers ML --window 128
+  run bpe-mod 90 --preset shakespeare-bpe --mod_every 2 --mod_capacity 0.125 --max_iters 1354
+  step linearize 90 $PY linearize.py --ckpt out/gpu-bpe-dense --out_dir out/gpu-bpe-linear \
+    --transfer_iters 40 --finetune_iters 40 --eval_interval 20
+  step sample-linear 30 $PY sampling.py --out_dir out/gpu-bpe-linear --num-samples 1 --max-new-tokens 200
 fi
 
 # --- speed table -----------------------------------------------------------------------------------
@@ -103,7 +123,7 @@ fi
 for d in out/gpu-*; do
   [ -d "$d" ] || continue
   n=$(basename "$d")
-  for f in log.jsonl loss.png config.json; do [ -f "$d/$f" ] && cp "$d/$f" "$LOGS/${n}_$f"; done
+  for f in "$d"/log.jsonl "$d"/*.png "$d"/config.json; do [ -f "$f" ] && cp "$f" "$LOGS/${n}_$(basename "$f")"; done
 done
 [ -f out/gpu-speedrun/loss.png ] && cp out/gpu-speedrun/loss.png "$OUT/speedrun_loss.png"
 [ -f "$OUT/bench.json" ] && cp "$OUT/bench.json" "$LOGS/"
@@ -117,7 +137,7 @@ def records(name):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 runs = {}
-for name in ("baseline", "rope", "speedrun", "speedrun-adamw"):
+for name in sorted(d[len("out/gpu-"):] for d in __import__("glob").glob("out/gpu-*")):
     recs = records(name)
     runs[name] = recs
     evals = [r for r in recs if r["kind"] == "eval"]
@@ -126,10 +146,10 @@ for name in ("baseline", "rope", "speedrun", "speedrun-adamw"):
         print(f"{name:15s} no evaluations logged")
         continue
     best = min(evals, key=lambda r: r["val_loss"])
-    hit = next((r for r in evals if r["val_loss"] <= 1.47), None)
+    hit = next((r for r in evals if r["val_loss"] <= 1.47), None)  # the shakespeare-char goal
     hit_s = f"val<=1.47 at step {hit['step']}, {hit.get('since_launch', float('nan')):.1f}s from launch" \
         if hit else "val never <= 1.47"
-    speed = f", {train[-1]['tok_per_s']:,.0f} tok/s" if train else ""
+    speed = f", {train[-1]['tok_per_s']:,.0f} tok/s" if train and "tok_per_s" in train[-1] else ""
     print(f"{name:15s} best val {best['val_loss']:.4f} (step {best['step']}); {hit_s}; "
           f"last step {evals[-1]['step']} at {evals[-1].get('since_launch', float('nan')):.1f}s{speed}")
 if runs.get("speedrun") and runs.get("speedrun-adamw"):

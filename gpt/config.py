@@ -393,6 +393,16 @@ PRESETS = {
         batch_size=32, lr=2e-3, min_lr=2e-4, beta2=0.99, warmup_iters=50, max_iters=1200,
         eval_interval=200, eval_iters=20, compile=False,
     ),
+    # The baby GPT on tiny shakespeare in BPE tokens (python data/data.py shakespeare --tokenizer bpe
+    # --vocab-size 2048: 320K training tokens), the base of the concept comparisons in bench/gpu_check.sh
+    # (dense vs MoE, BitNet, Mamba hybrid, MoD at equal FLOPs, linearized). 800 steps are 20 epochs:
+    # the val loss is best after a few and then overfits, so compare the curves and the best values.
+    "shakespeare-bpe": dict(
+        dataset="shakespeare_bpe", out_dir="out/shakespeare-bpe",
+        n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+        batch_size=32, lr=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=50, max_iters=800,
+        eval_interval=50, eval_iters=20, weight_decay=0.1, compile=False,
+    ),
     # GPT-2 small (124M) on GPT-2 tokens.
     "gpt2-124m": dict(
         dataset="tinystories_gpt2", out_dir="out/gpt2-124m",

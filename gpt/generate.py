@@ -12,6 +12,8 @@ same tokens at temperature 0.
 
 import torch
 
+from gpt.attention import decoding_kernels
+
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits: (B, V) -> next token ids (B, 1)."""
@@ -42,19 +44,20 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     """
     block_size = model.config.block_size
     cache = None
-    for _ in range(max_new_tokens):
-        window = idx[:, -block_size:]
-        if not use_cache:
-            logits, _ = model(window)
-        elif cache is None or cache.seen >= block_size:
-            # (re)fill the cache from the current window, starting again at position 0
-            cache = model.new_cache(idx.size(0), block_size)
-            logits, _ = model(window, cache=cache)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)
-        logits = logits[:, -1, :vocab_size]  # (B, V)
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat([idx, next_id], dim=1)
-        if on_token is not None:
-            on_token(next_id)
+    with decoding_kernels():  # a new attention shape every token (attention.py)
+        for _ in range(max_new_tokens):
+            window = idx[:, -block_size:]
+            if not use_cache:
+                logits, _ = model(window)
+            elif cache is None or cache.seen >= block_size:
+                # (re)fill the cache from the current window, starting again at position 0
+                cache = model.new_cache(idx.size(0), block_size)
+                logits, _ = model(window, cache=cache)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)
+            logits = logits[:, -1, :vocab_size]  # (B, V)
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+            if on_token is not None:
+                on_token(next_id)
     return idx

@@ -144,7 +144,7 @@ class MoD(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             r = x.float() @ self.router_w.float() + self.router_b.float()  # (B, T)
             h = F.rms_norm(x.detach().float(), (C,))  # stop-gradient; the stream's scale drifts, so normalise
-            p = self.predictor(h).squeeze(-1)  # (B, T)
+            p = self.predictor(h.type_as(self.router_w)).float().squeeze(-1)  # (B, T); a bf16 model: bf16
         return r, p
 
     def forward(self, x, pos, cache=None):

@@ -70,5 +70,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def full_fp32():
+    """fp32 matmuls at full precision (bench.py and train.py allow TF32 on the GPU), restored after."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+@pytest.fixture
+def fresh_compile():
+    """torch.compile from a clean slate: earlier tests' compiled frames (other shapes of the same
+    functions) would otherwise turn on dynamic shapes, whose symbolic compile is far slower."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bench/gpu_check.sh runs `pytest -m gpu`)")

@@ -287,13 +287,11 @@ def test_linearize_end_to_end_and_sampling_loads_the_result(teacher_run, tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_compiled_model_matches_the_eager_fp32_reference(monkeypatch):
+def test_gpu_compiled_model_matches_the_eager_fp32_reference(full_fp32, fresh_compile):
     """A GPT of H layers (window 64 of 512: both parts) on the GPU: the compiled training forward and
     backward against eager fp32 (fp32: 1e-4; bf16 autocast: the loss to 1e-2), and the cached decode
     against the full forward. (Window 0 is the same code without the window part.)"""
     torch.manual_seed(0)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # bench.py / train.py turn it on
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cfg = GPTConfig(vocab_size=512, block_size=512, n_layer=2, n_head=4, n_embd=256, layers="H",
                     linear_window=64)
     model = GPT(cfg).cuda()

@@ -61,7 +61,7 @@ def test_model_fused_loss_matches_full(tie):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fused_loss_compiled_bf16_matches_full_on_gpu():
+def test_fused_loss_compiled_bf16_matches_full_on_gpu(fresh_compile):
     """torch.compile through the autograd.Function, bf16 autocast, GPT-2's vocabulary (2 chunks)."""
     idx = torch.randint(0, 50257, (4, 1024), device="cuda")
     out = {}

@@ -74,7 +74,7 @@ def naive_mla(m, x, pos):
 def run(m, x, absorb, cache=None):
     m.absorb = absorb
     try:
-        return m(x, torch.arange(x.shape[1]), cache)
+        return m(x, torch.arange(x.shape[1], device=x.device), cache)
     finally:
         m.absorb = None
 
@@ -448,9 +448,7 @@ def test_gpu_bf16_sdpa_matches_fp32(dims):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dims", GPU_DIMS, ids=["dqk>dv", "dqk<dv"])
-def test_gpu_fp32_matches_cpu(dims, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # bench.py may have set it
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_gpu_fp32_matches_cpu(dims, full_fp32):
     torch.manual_seed(0)
     ref = MultiHeadLatentAttention(gpu_config(**dims))
     x = torch.randn(2, 256, 512)

@@ -191,6 +191,20 @@ def test_generate_with_cache_equals_without():
     assert torch.equal(a, b)
 
 
+def test_bf16_model_decodes():
+    """A model cast to bf16 as bench.py and sampling.py decode it: the predictor's fp32 input is cast
+    to its weights (a float input to bf16 weights raised in the H100 bench); the cached decode
+    stays close to the full forward."""
+    model = route_some(GPT(tiny_config(**MOD))).eval().to(torch.bfloat16)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        full, _ = model(idx, idx)
+        cache = model.new_cache(2, 16)
+        got = [model(idx[:, :8], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 16)]
+    assert got[0].dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(got, 1).float(), full[:, 7:].float(), rtol=0.05, atol=0.05)
+
+
 # ------------------------------------------------------------------------------------------------
 # The predictor learns the top-k choice
 
@@ -288,18 +302,9 @@ def test_mixture_of_mixtures_trains_and_samples(data_root, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 # GPU: the fast kernels against the CPU reference
 
-@pytest.fixture
-def fp32_matmuls():
-    """Full fp32 matmuls on the GPU (no TF32), so routing decisions match the CPU's."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)
-
-
 @pytest.mark.gpu
 @gpu
-def test_gpu_forward_and_decode_match_cpu(fp32_matmuls):
+def test_gpu_forward_and_decode_match_cpu(full_fp32):  # no TF32: routing matches the CPU's
     """The GPU kernels (SDPA's fused causal attention on the packed routed tokens, the cached
     decode) against the CPU reference, fp32, in both routing modes."""
     torch.manual_seed(0)
@@ -322,7 +327,7 @@ def test_gpu_forward_and_decode_match_cpu(fp32_matmuls):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_bf16_compiled_training_step_matches_fp32(fp32_matmuls):
+def test_gpu_bf16_compiled_training_step_matches_fp32(full_fp32, fresh_compile):
     """torch.compile + bf16 autocast (what train.py runs) against the eager fp32 reference: the
     loss within bf16 tolerance, and gradients that reach the router and the predictor."""
     torch.manual_seed(0)

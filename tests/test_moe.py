@@ -118,7 +118,7 @@ def test_moe_model_grouped_equals_loop_gpu():
 
 
 @gpu
-def test_compiled_routed_model_matches_eager_gpu():
+def test_compiled_routed_model_matches_eager_gpu(fresh_compile):
     """torch.compile with fullgraph=True: routing, grouped GEMMs, the aux loss and the expert
     counts (set as attributes during forward) and the load buffer all live in one graph."""
     torch.manual_seed(0)

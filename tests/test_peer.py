@@ -104,7 +104,7 @@ def test_active_params_closed_form():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_million_experts_bf16_on_gpu_match_reference():
+def test_million_experts_bf16_on_gpu_match_reference(fresh_compile):
     """On the GPU under bf16 autocast: forward (embedding_bag) equals the spelled-out reference, and
     a compiled training step of a model with a 1M-expert layer runs."""
     torch.manual_seed(0)
