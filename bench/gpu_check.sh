@@ -43,7 +43,20 @@ step() {
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" TIMED OUT"
   SUMMARY+=("$name: rc=$rc$note, $(( $(date +%s) - t ))s")
   tail -n 4 "$LOGS/$name.log"
+  collect
   return $rc
+}
+
+# collect: every run's log.jsonl, pictures and config into $LOGS, packed into $OUT/logs.tar.gz after
+# each step, so that a check cut short by its caller still returns what it did so far
+collect() {
+  local d n f
+  for d in out/gpu-*; do
+    [ -d "$d" ] || continue
+    n=$(basename "$d")
+    for f in "$d"/log.jsonl "$d"/*.png "$d"/config.json; do [ -f "$f" ] && cp "$f" "$LOGS/${n}_$(basename "$f")"; done
+  done
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
 }
 
 # --- preflight -----------------------------------------------------------------------------------
@@ -120,11 +133,7 @@ if [[ $PARTS == *" train "* ]]; then
 fi
 
 # --- results -----------------------------------------------------------------------------------------
-for d in out/gpu-*; do
-  [ -d "$d" ] || continue
-  n=$(basename "$d")
-  for f in "$d"/log.jsonl "$d"/*.png "$d"/config.json; do [ -f "$f" ] && cp "$f" "$LOGS/${n}_$(basename "$f")"; done
-done
+collect
 [ -f out/gpu-speedrun/loss.png ] && cp out/gpu-speedrun/loss.png "$OUT/speedrun_loss.png"
 [ -f "$OUT/bench.json" ] && cp "$OUT/bench.json" "$LOGS/"
 $PY - "$OUT" "$LOGS" > "$LOGS/summary_runs.txt" 2>&1 <<'EOF'

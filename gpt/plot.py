@@ -1,7 +1,16 @@
 """Plots, drawn with matplotlib's Agg backend (no display needed): loss curves of a run, several
-runs overlaid, and heat maps (attention weights, expert usage)."""
+runs overlaid, and heat maps (attention weights, expert usage).
 
+Runs side by side from the command line (each run folder's log.jsonl; LABEL=PATH names a curve):
+
+    python -m gpt.plot compare.png out/dense moe=out/moe-run
+    python -m gpt.plot mod.png out/dense out/mod --x flops --title "MoD vs dense at equal FLOPs"
+"""
+
+import argparse
 import json
+import os
+import sys
 
 import matplotlib
 
@@ -68,3 +77,28 @@ def _finish(fig, ax, path, title, xlabel, ylabel, grid=True, legend=True):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Overlay the loss curves of train.py runs on one plot.")
+    p.add_argument("png", help="the picture to write")
+    p.add_argument("runs", nargs="+", help="run folders or log.jsonl files; LABEL=PATH sets a curve's label")
+    p.add_argument("--x", default="tokens", choices=["tokens", "flops", "step", "time"],
+                   help="the horizontal axis (flops: training FLOPs, to compare models of unequal cost)")
+    p.add_argument("--title", default="loss")
+    a = p.parse_args(argv)
+    runs = {}
+    for spec in a.runs:
+        label, _, path = spec.rpartition("=")
+        path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            p.error(f"no log at {path}: give a run folder of train.py (it holds log.jsonl) or the file")
+        records = read_log(path)
+        if not any(a.x in r for r in records):
+            p.error(f"{path} has no {a.x!r} in its records (logs of older runs have no 'flops')")
+        runs[label or os.path.basename(os.path.dirname(os.path.abspath(path)))] = records
+    print(compare(runs, a.png, title=a.title, x=a.x))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,3 +75,15 @@ def test_without_a_gpu_the_default_is_cpu_tiny(data_root, tmp_path, capsys):
                 "--max_iters", "1", "--eval_iters", "1"])
     assert "using --preset cpu-tiny" in capsys.readouterr().out
     assert json.loads((tmp_path / "config.json").read_text())["model"]["n_embd"] == 128
+
+
+def test_plot_compares_runs_from_the_command_line(run, tmp_path):
+    """python -m gpt.plot: two runs on one picture, against tokens and against FLOPs; a folder
+    without a log is refused with a message."""
+    from gpt import plot
+    folder, _ = run
+    out = str(tmp_path / "cmp.png")
+    plot.main([out, f"a={folder}", f"b={folder}/log.jsonl", "--x", "flops"])
+    assert os.path.getsize(out) > 10_000
+    with pytest.raises(SystemExit):
+        plot.main([out, str(tmp_path)])
