@@ -187,7 +187,10 @@ def main(argv=None):
     raw_model = GPT(mc).to(device)  # the same seed on every rank: the same initial weights
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
-    model = distributed.wrap(raw_model, tc.parallel, d, device_type)  # DDP / FSDP2 under torchrun
+    # DDP / FSDP2 under torchrun; FSDP2 gathers the blocks in bf16 when training in bf16 on CUDA
+    # (on CPU, layer_norm rejects bf16 weights with fp32 inputs)
+    param_dtype = torch.bfloat16 if dtype == "bfloat16" and device_type == "cuda" else None
+    model = distributed.wrap(raw_model, tc.parallel, d, device_type, param_dtype)
     comm = distributed.CommCounter()  # bytes all-reduced by this rank
     if isinstance(model, distributed.DDP):
         comm.attach(model)
@@ -209,6 +212,8 @@ def main(argv=None):
         bad = BadSteps(ckpt["bad_steps"], ckpt["bad_streak"])
     wrapped = model  # what the state-dict helpers take (they see through DDP / FSDP2)
     if tc.compile and device_type == "cuda":
+        # under FSDP2 Dynamo skips GPT.forward (FSDP's hooks break its block loop) and compiles each
+        # Block.forward and the loss apart: regional compilation, with the loss compiled as well
         model = compile_model(model, tc.compile_mode, tc.compile_blocks)
 
     # --- the run's folder -----------------------------------------------------------------------

@@ -22,9 +22,11 @@ processes itself.
             send their deltas when ready and the server applies them with delayed Nesterov
             momentum, so no worker waits for the slowest.
 
-Gradient accumulation skips the all-reduce on all but the last micro-step (`grad_sync`). Only
-rank 0 logs, plots and writes checkpoints; checkpoints always hold full (unsharded) tensors, so a
-run saved under FSDP loads in a single process and the reverse.
+Gradient accumulation skips the all-reduce on all but the last micro-step (`grad_sync`); under
+FSDP2 the gathered weights also stay between those micro-steps. In bf16, FSDP2 gathers the blocks'
+weights in bf16 and reduces gradients in fp32 (a MixedPrecisionPolicy, as torchtitan does). Only
+rank 0 logs, plots and writes checkpoints; checkpoints always hold full (unsharded) fp32 tensors,
+so a run saved under FSDP loads in a single process and the reverse.
 Config: parallel ("ddp" | "fsdp" | "diloco"), diloco_inner_steps, diloco_outer_lr,
 diloco_outer_momentum.
 """
@@ -38,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -76,25 +78,47 @@ def teardown(d):
         dist.destroy_process_group()
 
 
-def wrap(model, parallel, d, device_type):
-    """DDP or FSDP2 around the model (the model itself for one process or DiLoCo)."""
+def wrap(model, parallel, d, device_type, param_dtype=None):
+    """DDP or FSDP2 around the model (the model itself for one process or DiLoCo). param_dtype:
+    the dtype FSDP2 gathers the blocks' weights in (torch.bfloat16 under bf16 autocast on CUDA;
+    None: the weights' own, fp32)."""
     if not d.enabled or parallel == "diloco":
         return model
     if parallel == "ddp":
-        return DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
+        # the gradients are views into the all-reduce buckets: no copy between the two
+        return DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None,
+                   gradient_as_bucket_view=True)
     mesh = init_device_mesh(device_type, (d.world_size,))
+    # With param_dtype=bf16 each block is gathered in bf16 (half the bytes of fp32; autocast casts
+    # the matmuls' weights to bf16 anyway) and its gradients are reduced and accumulated in fp32.
+    # Block inputs are not cast, so the residual stream stays fp32 as under plain autocast; the root
+    # (embeddings, tied head) stays fp32 too: it is gathered once per step.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     for block in model.blocks:  # each block is gathered just in time, then freed
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh)  # embeddings, final norm, head
     return model
 
 
 def grad_sync(model, enabled):
-    """Context for one micro-step: gradients are all-reduced only when enabled (the last one)."""
-    if isinstance(model, DDP) and not enabled:
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    """Context for one micro-step: gradients are reduced only when enabled (the last micro-step).
+
+    FSDP2 also keeps every block gathered from the first micro-step's forward to the last one's:
+    two all-gathers per block per step (the first forward, the last backward) instead of two per
+    micro-step. The gathered bf16 weights take half the memory of the unsharded fp32 gradients that
+    accumulating without reduction holds anyway. The last micro-step reshards after forward and
+    after backward like plain FSDP (ZeRO-3), so with grad_accum=1 nothing changes, and the
+    optimizer always steps on sharded weights.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper hides DDP's no_sync
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
+        for block in model.blocks:  # not the root: it is never resharded after forward
+            block.set_reshard_after_forward(enabled)
     return contextlib.nullcontext()
 
 

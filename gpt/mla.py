@@ -27,12 +27,20 @@ Two ways to run it, picked automatically in `forward`:
         q_h·k_h(j) = q_h·(c_kv(j) W_uk,h) = (q_h W_uk,h^T)·c_kv(j)        W_uk absorbed into the query
         Σ_j p_hj v_h(j) = (Σ_j p_hj c_kv(j)) W_uv,h                       W_uv absorbed into the output
     so each head's query is mapped into latent space once, scores are taken directly against the
-    cached latents (all heads share them, like multi-query attention with one wide KV head),
-    and W_uv,h (then W_o) is applied to the weighted sum of latents. No per-head key or value is
-    ever formed or cached. The up-projections are applied as per-head products rather than
-    pre-multiplied into W_uq and W_o: at these sizes the merged matrices would be larger.
-The cache (`LatentCache`) holds c_kv (already normalised) and k^R (already rotated):
-kv_lora_rank + qk_rope_head_dim numbers per token per layer, against 2 * n_embd for MHA.
+    cached latents, and W_uv,h (then W_o) is applied to the weighted sum of latents. No per-head
+    key or value is ever formed or cached. All heads read the same latents: this is multi-query
+    attention with one wide KV head, and it runs as one fused SDPA call (FlashMLA's formulation,
+    DeepSeek's decoding kernel, https://github.com/deepseek-ai/FlashMLA):
+        query rows  q'_h = [q_h W_uk,h^T ; q_h^R]     (r + dr,)   the nh heads folded into the rows
+        key         k'   = [c_kv ; k^R]                (r + dr,)   one head: the cached row itself
+        value       v'   = c_kv                        (r,)        one head: the row's first r numbers
+        o_h = softmax_j(q'_h·k'(j) / sqrt(dn + dr)) v'    (r,),    then y = concat_h(o_h W_uv,h) W_o
+    The up-projections are applied as per-head products rather than pre-multiplied into W_uq and
+    W_o: at these sizes the merged matrices would be larger.
+The cache (`LatentCache`) holds one row [c_kv ; k^R] per token, c_kv already normalised and k^R
+already rotated: kv_lora_rank + qk_rope_head_dim numbers per token per layer, against 2 * n_embd
+for MHA. The row is the absorbed attention's key and its first r numbers the value, so decoding
+reads the cache as it lies, without copying or concatenating anything.
 Local layers and cross-layer KV sharing work as in attention.py: an L layer attends within its
 window and caches a ring of latents (`LatentRingCache`); with kv_share > 1 the later layers of a
 group have no W_dkv, W_kr and read the first layer's latents through their own W_uk, W_uv.
@@ -51,24 +59,26 @@ from gpt.rope import Rotary
 
 
 # ------------------------------------------------------------------------------------------------
-# Caches: attention.py's, with the two slots resized. Per token, "k" holds the normalised latent
-# c_kv (B, 1, S, r) and "v" the rotated shared key k^R (B, 1, S, dr); the update() protocol, the
-# ring buffer of local layers and the hand-over to KV-sharing layers (`last`) are theirs.
+# Caches: attention.py's, with the slots resized. Per token the key slot "k" holds the row
+# [c_kv ; k^R] (B, 1, S, r + dr): the normalised latent, then the rotated shared key. The value
+# slot "v" is empty (B, 1, S, 0): the values are the latents, read as a view of the rows. The
+# update() protocol, the ring buffer of local layers, the hand-over to KV-sharing layers (`last`)
+# and MoD's RoutedCache (shaped after these slots) are theirs.
 
 class LatentCache(KVCache):
-    """MLA's cache of a global layer: c_kv and k^R of every token so far, r + dr numbers a token."""
+    """MLA's cache of a global layer: the row [c_kv ; k^R] of every token so far, r + dr numbers."""
 
     def __init__(self, batch_size, max_len, kv_lora_rank, rope_dim, device, dtype):
-        super().__init__(batch_size, max_len, 1, kv_lora_rank, device, dtype)
-        self.v = self.v.new_zeros(batch_size, 1, max_len, rope_dim)
+        super().__init__(batch_size, max_len, 1, kv_lora_rank + rope_dim, device, dtype)
+        self.v = self.v.new_zeros(batch_size, 1, max_len, 0)
 
 
 class LatentRingCache(RingKVCache):
-    """MLA's cache of a local layer: c_kv and k^R of the last `window` tokens, in a ring."""
+    """MLA's cache of a local layer: the rows [c_kv ; k^R] of the last `window` tokens, in a ring."""
 
     def __init__(self, batch_size, window, kv_lora_rank, rope_dim, device, dtype):
-        super().__init__(batch_size, window, 1, kv_lora_rank, device, dtype)
-        self.v = self.v.new_zeros(batch_size, 1, window, rope_dim)
+        super().__init__(batch_size, window, 1, kv_lora_rank + rope_dim, device, dtype)
+        self.v = self.v.new_zeros(batch_size, 1, window, 0)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -115,10 +125,10 @@ class MultiHeadLatentAttention(nn.Module):
         return q, self.rotary(q_rope, pos)
 
     def latent(self, x, pos):
-        """x: (B, T, C) -> what the cache holds: c_kv: (B, 1, T, r) normalised, k_rope: (B, 1, T, dr)
-        rotated; one "head" each, shared by all heads."""
+        """x: (B, T, C) -> what the cache holds, one row a token: [c_kv ; k^R] (B, 1, T, r + dr),
+        c_kv normalised, k^R rotated; one "head", shared by all heads."""
         c_kv, k_rope = self.wkv_a(x).unsqueeze(1).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c_kv), self.rotary(k_rope, pos)
+        return torch.cat([self.kv_norm(c_kv), self.rotary(k_rope, pos)], dim=-1)
 
     def up_weights(self):
         """W_uk: (nh, dn, r) and W_uv: (nh, dv, r), views of wkv_b's weight (Linear's out x in layout)."""
@@ -137,51 +147,59 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, C = x.shape
         q, q_rope = self.queries(x, pos)  # (B, nh, T, dn), (B, nh, T, dr)
         if self.reads_kv:
-            c_kv, k_rope, k_pos = cache.last  # the group's first layer ran just before, on the same tokens
+            kv, _, k_pos = cache.last  # the group's first layer ran just before, on the same tokens
         else:
-            c_kv, k_rope = self.latent(x, pos)  # (B, 1, T, r), (B, 1, T, dr)
+            kv = self.latent(x, pos)  # (B, 1, T, r + dr)
             k_pos = None  # None: the keys are exactly these T tokens (causal from the start)
-            if cache is not None:
-                c_kv, k_rope, k_pos = cache.update(c_kv, k_rope, pos)  # (B, 1, S, r), (B, 1, S, dr), (S,)
-        c_kv, k_rope = c_kv.squeeze(1), k_rope.squeeze(1)  # (B, S, r), (B, S, dr)
+            if cache is not None:  # nothing for the value slot: the values are the rows' c_kv
+                kv, _, k_pos = cache.update(kv, kv[..., :0], pos)  # (B, 1, S, r + dr), (S,)
         absorb = self.absorb if self.absorb is not None else k_pos is not None
         dropout = self.dropout if self.training else 0.0
         if absorb:
-            y = self.absorbed(q, q_rope, c_kv, k_rope, pos, pos if k_pos is None else k_pos, dropout)
+            y = self.absorbed(q, q_rope, kv, pos, pos if k_pos is None else k_pos, dropout)
         else:
-            y = self.expanded(q, q_rope, c_kv, k_rope, None if k_pos is None else pos, k_pos, dropout)
+            y = self.expanded(q, q_rope, kv, None if k_pos is None else pos, k_pos, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim)  # (B, T, nh*dv)
         return self.resid_dropout(self.c_proj(y))
 
-    def expanded(self, q, q_rope, c_kv, k_rope, q_pos, k_pos, dropout=0.0):
+    def expanded(self, q, q_rope, kv, q_pos, k_pos, dropout=0.0):
         """Per-head keys and values from the latents, then attend(). q: (B, nh, T, dn), q_rope:
-        (B, nh, T, dr), c_kv: (B, S, r), k_rope: (B, S, dr); q_pos, k_pos: (T,), (S,), or per row
-        (B, T), (B, S), or both None (keys = queries). Returns (B, nh, T, dv)."""
-        B, S, _ = c_kv.shape
-        kv = self.wkv_b(c_kv).view(B, S, self.n_head, self.nope_dim + self.v_dim).transpose(1, 2)
-        k, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, nh, S, dn), (B, nh, S, dv)
+        (B, nh, T, dr), kv: (B, 1, S, r + dr) the rows [c_kv ; k^R]; q_pos, k_pos: (T,), (S,), or per
+        row (B, T), (B, S), or both None (keys = queries). Returns (B, nh, T, dv)."""
+        B, _, S, _ = kv.shape
+        c_kv, k_rope = kv.squeeze(1).split([self.kv_lora_rank, self.rope_dim], -1)  # (B, S, r), (B, S, dr)
+        kv_h = self.wkv_b(c_kv).view(B, S, self.n_head, self.nope_dim + self.v_dim).transpose(1, 2)
+        k, v = kv_h.split([self.nope_dim, self.v_dim], dim=-1)  # (B, nh, S, dn), (B, nh, S, dv)
         q = torch.cat([q, q_rope], dim=-1)  # (B, nh, T, dqk)
         k = torch.cat([k, k_rope.unsqueeze(1).expand(-1, self.n_head, -1, -1)], dim=-1)  # (B, nh, S, dqk)
         return _attend_padded(q, k, v, q_pos, k_pos, dropout, self.window)  # scale 1/sqrt(dqk)
 
-    def absorbed(self, q, q_rope, c_kv, k_rope, q_pos, k_pos, dropout=0.0):
-        """Attention directly against the latents; arguments as in expanded(), but q_pos and k_pos
-        always given. Returns (B, nh, T, dv)."""
+    def absorbed(self, q, q_rope, kv, q_pos, k_pos, dropout=0.0):
+        """Attention directly against the rows [c_kv ; k^R], as multi-query attention in one SDPA
+        call; arguments as in expanded(), but q_pos and k_pos always given. Returns (B, nh, T, dv).
+
+            q'_h = [q_h W_uk,h^T ; q_h^R]                     (r + dr,)   heads folded into query rows
+            o_h  = softmax_j(q'_h·[c_kv ; k^R](j) / sqrt(dn + dr)) c_kv    (r,), then o_h W_uv,h
+
+        One new token against a global layer's cache (positions 0 .. S-1, the new token last: KVCache)
+        sees every key, so the step that decoding repeats runs without a mask; windows, ring buffers
+        and MoD's per-row positions pass one built from the positions."""
         B, nh, T, _ = q.shape
+        r = self.kv_lora_rank
         w_uk, w_uv = self.up_weights()  # (nh, dn, r), (nh, dv, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q, w_uk)  # (B, nh, T, r): W_uk absorbed into the query
-        # all heads read the same latents: fold heads into the query rows, one batched matmul each
-        scores = (q_lat.reshape(B, nh * T, -1) @ c_kv.transpose(1, 2)
-                  + q_rope.reshape(B, nh * T, -1) @ k_rope.transpose(1, 2))  # (B, nh*T, S)
-        scores = scores.view(B, nh, T, -1) * self.scale  # (B, nh, T, S)
-        mask = visible(q_pos, k_pos, self.window)  # (T, S), or (B, T, S) for tokens a MoD block routed
-        if mask.dim() == 3:
-            mask = mask.unsqueeze(1)  # (B, 1, T, S)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        p = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # bf16 -> fp32
-        p = F.dropout(p, dropout).type_as(c_kv)  # (B, nh, T, S)
-        o_lat = p.view(B, nh * T, -1) @ c_kv  # (B, nh*T, r): the weighted sum of latents
-        return torch.einsum("bhtr,hvr->bhtv", o_lat.view(B, nh, T, -1), w_uv)  # (B, nh, T, dv): W_uv
+        q = torch.cat([q_lat, q_rope], dim=-1).view(B, 1, nh * T, -1)  # (B, 1, nh*T, r + dr): one head
+        # The values are the latents: on a GPU a view of the rows' first r numbers (the memory-efficient
+        # kernel takes a value head smaller than the key's); on a CPU the whole row, its dr extra
+        # outputs cut, because the CPU's fused kernel wants one head size for q, k and v.
+        v = kv[..., :r] if kv.is_cuda else kv  # (B, 1, S, r) or (B, 1, S, r + dr)
+        mask = None
+        if not (T == 1 and self.window is None and k_pos.dim() == 1):
+            mask = visible(q_pos, k_pos, self.window).tile(nh, 1)  # (nh*T, S), or (B, nh*T, S) routed
+            mask = mask if mask.dim() == 2 else mask.unsqueeze(1)  # (B, 1, nh*T, S)
+        o_lat = F.scaled_dot_product_attention(q, kv, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        o_lat = o_lat[..., :r].reshape(B, nh, T, r)  # (B, nh, T, r): each head's weighted sum of latents
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, nh, T, dv): W_uv absorbed into the output
 
     # --------------------------------------------------------------------------------------------
     def new_cache(self, batch_size, max_len, device, dtype):

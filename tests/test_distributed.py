@@ -1,7 +1,10 @@
 """Distributed training on CPU with the gloo backend: torchrun launches 2 processes of train.py.
 
 DDP 2 ranks x batch B follows 1 process x batch 2B; FSDP2 follows DDP and its checkpoint loads in
-one process; DiLoCo with outer lr 1 and no momentum is plain averaging; bytes on the wire."""
+one process; DiLoCo with outer lr 1 and no momentum is plain averaging; bytes on the wire. Gradient
+accumulation (in-process ranks): DDP skips the all-reduce until the last micro-step even through
+torch.compile's wrapper; FSDP2 keeps its weights gathered until then, gathers the blocks in bf16
+when training in bf16, and its gradients equal DDP's."""
 
 import json
 import os
@@ -155,3 +158,80 @@ def test_diloco_with_h_1_tracks_ddp(data_root, tmp_path, runs):
     ddp = losses(runs["ddp"][1])
     assert losses(h1)[0] == pytest.approx(ddp[0], rel=1e-3)
     assert losses(h1) == pytest.approx(ddp, rel=0.03)
+
+
+def _accumulate_worker(rank, port, result):
+    """Three micro-steps of gradient accumulation under DDP and FSDP2 (fp32, then FSDP2 in bf16),
+    the loop train.py runs, DDP called through torch.compile's wrapper."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from gpt.config import GPTConfig
+    from gpt.distributed import CommCounter, Dist, grad_sync, wrap
+    from gpt.model import GPT
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    d = Dist(rank, rank, 2)
+    # RMSNorm: on CPU layer_norm rejects bf16 weights with fp32 inputs (bf16 gathers: CUDA only)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=32, dropout=0.0,
+                       norm="rmsnorm")
+
+    def wrapped(parallel, param_dtype=None):
+        torch.manual_seed(0)  # the same initial weights for all three
+        return wrap(GPT(config), parallel, d, "cpu", param_dtype)
+
+    models = {"ddp": wrapped("ddp"), "fsdp": wrapped("fsdp"),
+              "fsdp_bf16": wrapped("fsdp", torch.bfloat16)}
+    counter = CommCounter()
+    counter.attach(models["ddp"])
+    compiled_ddp = torch.compile(models["ddp"], backend="eager")
+    torch.manual_seed(1 + rank)  # each rank its own micro-batches
+    batches = [torch.randint(0, 32, (2, 16)) for _ in range(3)]
+    out = {"ddp_bytes": [], "kept": [], "sharded": None, "bf16_gathered": None}
+    for name, model in models.items():
+        call = compiled_ddp if name == "ddp" else model
+        bf16 = name == "fsdp_bf16"
+        losses = []
+        for micro, x in enumerate(batches):
+            last = micro == len(batches) - 1
+            with grad_sync(call, last), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                _, loss = call(x, x)
+            gathered = not any(isinstance(p, DTensor) for p in model.parameters())  # after forward
+            (loss / len(batches)).backward()
+            losses.append(loss.item())
+            if name == "ddp":
+                out["ddp_bytes"].append(counter.bytes)
+            elif not last:  # every weight stays gathered through forward, backward, the next step
+                after_backward = not any(isinstance(p, DTensor) for p in model.parameters())
+                out["kept"].append(gathered and after_backward)
+                if bf16:
+                    out["bf16_gathered"] = ({p.dtype for p in model.blocks.parameters()},
+                                            model.wte.weight.dtype)
+        if name == "fsdp":  # after the last backward every weight is a shard again
+            out["sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
+        if bf16:  # what a checkpoint saves: the fp32 weights
+            out["bf16_saves"] = {v.dtype for v in model.state_dict().values() if v.is_floating_point()}
+        out[name] = (losses, [(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                              for p in model.parameters()])
+    result[rank] = out
+    dist.destroy_process_group()
+
+
+def test_grad_accumulation_ddp_fsdp_and_fsdp_bf16():
+    import torch.multiprocessing as mp
+    result = mp.Manager().dict()
+    mp.spawn(_accumulate_worker, args=(29600 + os.getpid() % 300, result), nprocs=2, join=True)
+    out = result[0]
+    n_bytes = 4 * sum(g.numel() for g in out["ddp"][1])  # one fp32 all-reduce of the gradients
+    assert out["ddp_bytes"] == [0, 0, n_bytes]  # no_sync seen through the compiled wrapper
+    assert out["kept"] == [True, True, True, True] and out["sharded"]
+    assert out["bf16_gathered"] == ({torch.bfloat16}, torch.float32)  # blocks bf16, embeddings fp32
+    assert out["bf16_saves"] == {torch.float32}
+    for r in (0, 1):
+        ddp_losses, ddp_grads = result[r]["ddp"]
+        assert result[r]["fsdp"][0] == pytest.approx(ddp_losses, rel=1e-5)
+        assert result[r]["fsdp_bf16"][0] == pytest.approx(ddp_losses, rel=1e-2)
+        for g_ddp, g_fsdp, g_bf16 in zip(ddp_grads, result[r]["fsdp"][1], result[r]["fsdp_bf16"][1]):
+            assert torch.allclose(g_fsdp, g_ddp, rtol=1e-4, atol=1e-6)
+            assert (g_bf16 - g_ddp).norm() <= 2e-2 * g_ddp.norm() + 1e-6
+    assert torch.allclose(result[0]["ddp"][1][0], result[1]["ddp"][1][0])  # averaged over the ranks

@@ -3,6 +3,7 @@ oracle written here from the equations, the compressed cache (its size and that 
 *normalised* latent), causality, cached decoding against the full forward, the closed-form
 parameter and FLOPs counts, the config switch; and, on a GPU, the bf16 SDPA path against fp32."""
 
+import contextlib
 import math
 
 import pytest
@@ -179,6 +180,30 @@ def test_decoding_against_a_cache_is_absorbed_and_prefill_expanded(monkeypatch):
     assert calls == ["expanded", "expanded", "absorbed", "absorbed"]
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_absorbed_decoding_is_one_sdpa_call_on_the_cache_itself(monkeypatch, window):
+    """A decoding step is one SDPA call whose key and value are the cache's own memory (nothing
+    copied or concatenated); one token against a global layer's cache needs no mask, a local
+    layer's ring passes one (empty slots, the window)."""
+    m = random_module(mla_config())
+    m.window = window
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    cache = m.new_cache(2, 6, "cpu", x.dtype)
+    m(x[:, :5], torch.arange(5), cache)  # prefill (expanded)
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((k.data_ptr(), v.data_ptr(), attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    m(x[:, 5:], torch.arange(5, 6), cache)
+    assert len(calls) == 1
+    k_ptr, v_ptr, mask = calls[0]
+    assert k_ptr == v_ptr == cache.k.data_ptr()
+    assert (mask is None) == (window is None)
+
+
 # ------------------------------------------------------------------------------------------------
 # the cache
 
@@ -193,9 +218,9 @@ def assert_caches_normalised_latent(m, x):
     c = a[..., :r]
     normalised = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + m.kv_norm.eps) * m.kv_norm.weight
     rotated = m.rotary(a[..., r:].unsqueeze(1), torch.arange(T)).squeeze(1)
-    torch.testing.assert_close(cache.k[:, 0, :T], normalised, rtol=1e-12, atol=1e-12)  # c_kv
-    torch.testing.assert_close(cache.v[:, 0, :T], rotated, rtol=1e-12, atol=1e-12)  # k^R
-    assert not cache.k[:, :, T:].any() and not cache.v[:, :, T:].any()  # nothing past the tokens seen
+    torch.testing.assert_close(cache.k[:, 0, :T, :r], normalised, rtol=1e-12, atol=1e-12)  # c_kv
+    torch.testing.assert_close(cache.k[:, 0, :T, r:], rotated, rtol=1e-12, atol=1e-12)  # k^R
+    assert not cache.k[:, :, T:].any() and cache.v.numel() == 0  # nothing past the tokens seen, no values
 
 
 def test_cache_holds_the_normalised_latent():
@@ -211,13 +236,17 @@ def test_the_cache_check_catches_caching_before_the_norm():
     class CachesBeforeNorm(MultiHeadLatentAttention):
         def latent(self, x, pos):
             c_kv, k_rope = self.wkv_a(x).unsqueeze(1).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-            return c_kv, self.rotary(k_rope, pos)
+            return torch.cat([c_kv, self.rotary(k_rope, pos)], dim=-1)
 
-        def expanded(self, q, q_rope, c_kv, *a, **k):
-            return super().expanded(q, q_rope, self.kv_norm(c_kv), *a, **k)
+        def normalise(self, kv):
+            c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            return torch.cat([self.kv_norm(c_kv), k_rope], dim=-1)
 
-        def absorbed(self, q, q_rope, c_kv, *a, **k):
-            return super().absorbed(q, q_rope, self.kv_norm(c_kv), *a, **k)
+        def expanded(self, q, q_rope, kv, *a, **k):
+            return super().expanded(q, q_rope, self.normalise(kv), *a, **k)
+
+        def absorbed(self, q, q_rope, kv, *a, **k):
+            return super().absorbed(q, q_rope, self.normalise(kv), *a, **k)
 
     good = random_module(mla_config())
     bad = CachesBeforeNorm(mla_config()).double()
@@ -239,8 +268,9 @@ def test_cache_size_is_latent_plus_rope_per_token_per_layer():
     mha = GPT(tiny_config(n_layer=3, pos="rope"))
     for dtype in (torch.float32, torch.bfloat16):
         cache = model.new_cache(batch_size=5, max_len=16, dtype=dtype)
-        assert all(isinstance(c, LatentCache) and c.k.shape == (5, 1, 16, r) and c.v.shape == (5, 1, 16, dr)
-                   for c in cache)
+        # one row [c_kv ; k^R] per token, and no values: they are the rows' first r numbers
+        assert all(isinstance(c, LatentCache) for c in cache)
+        assert all(c.k.shape == (5, 1, 16, r + dr) and c.v.shape == (5, 1, 16, 0) for c in cache)
         per_token_per_layer = cache.nbytes() / (5 * 16 * config.n_layer * dtype.itemsize)
         assert per_token_per_layer == r + dr == 16
         # against MHA's 2 * n_embd numbers per token per layer
@@ -456,6 +486,38 @@ def test_gpu_fp32_matches_cpu(dims, full_fp32):
     m.load_state_dict(ref.state_dict())
     for absorb in (False, True):
         assert rel_err(run(m, x.cuda(), absorb).cpu(), run(ref, x, absorb)) < 1e-4, absorb
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("window", [None, 64])
+def test_gpu_absorbed_decoding_runs_the_memory_efficient_kernel(dtype, tol, window, full_fp32):
+    """At the benchmark's sizes (12 heads, r = 256, d_r = 32: queries and keys 288 wide, values 256)
+    the absorbed decoding steps run with SDPA limited to the memory-efficient kernel (were it
+    refused, SDPA would raise rather than fall back to math), global (no mask) and local (the
+    ring's mask), and give the outputs of the same decoding in fp32 on the CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    config = gpu_config(n_head=12, n_embd=768, kv_lora_rank=256, qk_rope_head_dim=32)
+    ref = MultiHeadLatentAttention(config, window=window)
+    m = MultiHeadLatentAttention(config, window=window).to("cuda", dtype)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 200, 768)
+
+    def decode(m, x, kernels):
+        cache = m.new_cache(4, 200, x.device, x.dtype)
+        m(x[:, :150], torch.arange(150, device=x.device), cache)  # prefill (expanded), default kernels
+        y = []
+        for t in range(150, 200):
+            with kernels():
+                y.append(m(x[:, t:t + 1], torch.arange(t, t + 1, device=x.device), cache))
+        return torch.cat(y, dim=1).float().cpu()  # (B, 50, C)
+
+    with torch.no_grad():
+        got = decode(m, x.to("cuda", dtype), lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION))
+        want = decode(ref, x, contextlib.nullcontext)
+    assert rel_err(got, want) < tol
 
 
 @pytest.mark.gpu
