@@ -137,17 +137,14 @@ collect
 [ -f out/gpu-speedrun/loss.png ] && cp out/gpu-speedrun/loss.png "$OUT/speedrun_loss.png"
 [ -f "$OUT/bench.json" ] && cp "$OUT/bench.json" "$LOGS/"
 $PY - "$OUT" "$LOGS" > "$LOGS/summary_runs.txt" 2>&1 <<'EOF'
-import json, os, sys
+import glob, os, sys
+sys.path.insert(0, os.getcwd())
+from gpt import plot
 out, logs = sys.argv[1], sys.argv[2]
-def records(name):
-    path = os.path.join("out", f"gpu-{name}", "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 runs = {}
-for name in sorted(d[len("out/gpu-"):] for d in __import__("glob").glob("out/gpu-*")):
-    recs = records(name)
+for path in sorted(glob.glob("out/gpu-*/log.jsonl")):
+    name = os.path.basename(os.path.dirname(path))[len("gpu-"):]
+    recs = plot.read_log(path)
     runs[name] = recs
     evals = [r for r in recs if r["kind"] == "eval"]
     train = [r for r in recs if r["kind"] == "train"]
@@ -162,8 +159,6 @@ for name in sorted(d[len("out/gpu-"):] for d in __import__("glob").glob("out/gpu
     print(f"{name:15s} best val {best['val_loss']:.4f} (step {best['step']}); {hit_s}; "
           f"last step {evals[-1]['step']} at {evals[-1].get('since_launch', float('nan')):.1f}s{speed}")
 if runs.get("speedrun") and runs.get("speedrun-adamw"):
-    sys.path.insert(0, os.getcwd())
-    from gpt import plot
     plot.compare({"Muon": runs["speedrun"], "AdamW": runs["speedrun-adamw"]},
                  os.path.join(out, "muon_vs_adamw.png"),
                  title="shakespeare-char-speedrun: Muon vs AdamW, same model and tokens")
