@@ -6,6 +6,7 @@ configuration.
     python bench.py --list                    # the rows and what each changes
     python bench.py --quick                   # CPU smoke run: tiny sizes, two steps (the tests use it)
     python bench.py --dist                    # bytes on the wire per token: DDP vs DiLoCo (CPU)
+    python bench.py --rows gpt2 --profile 3   # also where a step's time goes: the top kernels
 
 A row is a name and a dict of overrides of GPTConfig / TrainConfig fields (gpt/config.py), plus the
 knobs in KNOBS below. To benchmark a concept, append a row to ROWS, usually {**GPT2, "field": value}.
@@ -18,6 +19,8 @@ bf16 peak (gpt.model.peak_flops, or --peak-tflops). Peak memory is torch.cuda.ma
 over the timed steps. Decode (rows with "decode": True): a bf16 copy of the model greedily generates
 `--decode-tokens` tokens after a 16-token prompt, batch 1, eager, with the KV cache and without (the
 whole window recomputed each token); `cache KB/seq` is Cache.nbytes() of a block_size cache / batch.
+With --profile N, N more steps run under torch.profiler after the timed ones, and the operators and
+kernels that took the most device time (self time, summed over the N steps) are printed per row.
 """
 
 import argparse
@@ -36,7 +39,7 @@ import torch
 
 from gpt import attention, config as cfg
 from gpt.generate import generate
-from gpt.model import GPT, compile_model, peak_flops
+from gpt.model import GPT, compile_model, graph_model, peak_flops
 from gpt.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ BABY = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=128, dro
 # The shakespeare-char-speedrun preset's model and optimizer (gpt/config.py), eager.
 SPEEDRUN = {**BABY, **{k: v for k, v in cfg.PRESETS["shakespeare-char-speedrun"].items()
                        if k in ("pos", "qk_norm", "activation", "norm", "optimizer", "muon_lr",
-                                "dropout", "batch_size", "compile", "compile_blocks")}}
+                                "dropout", "batch_size", "compile", "compile_blocks", "cuda_graph")}}
 
 # GPT-2 small at a context of 8192, batch 2; LOCAL: 5 local layers (window 1024) : 1 global.
 GPT2_8K = {**GPT2, "block_size": 8192, "batch_size": 2}
@@ -66,6 +69,7 @@ ROWS = {
     "speedrun-compiled": {**SPEEDRUN, "compile": True, "compile_blocks": False},
     "speedrun-blocks": {**SPEEDRUN, "compile": True, "compile_blocks": True},
     "speedrun-adamw": {**SPEEDRUN, "optimizer": "adamw"},   # what Muon's step costs
+    "speedrun-graph": {**SPEEDRUN, "cuda_graph": True},     # forward + backward replayed as CUDA graphs
     "baby-eager": {**BABY, "compile": False, "decode": True},  # nanoGPT's shakespeare-char model
     "gpt2-cudnn": {**GPT2, "sdpa": "cudnn"},                 # SDPA backend forced (default: flash)
     "gpt2-blocks": {**GPT2, "compile_blocks": True},
@@ -197,19 +201,35 @@ def sync(device_type):
         torch.cuda.synchronize()
 
 
-def bench_train(mc, tc, knobs, device, steps, warmup, peak):
+def profile_steps(train_step, n, device_type, top=25):
+    """The table of what n more steps spend their time in, most first (GPU: device self time)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(n):
+            train_step()
+        sync(device_type)
+    key = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
+
+
+def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
     device_type = torch.device(device).type
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     model = GPT(mc).to(device)
     # AdamW is fused when make_optimizer is told the device is CUDA; "cpu" gives the foreach kernels
     opt = make_optimizer(model, tc, device_type if knobs["adamw"] == "fused" else "cpu")
-    run = compile_model(model, tc.compile_mode, tc.compile_blocks) \
-        if tc.compile and device_type == "cuda" else model
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size), generator=g).to(device),
                 torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size), generator=g).to(device))
                for _ in range(4)]  # rotated, so no step reads the same batch as the one before
+    run = model
+    if tc.compile and device_type == "cuda":
+        run = compile_model(model, tc.compile_mode, tc.compile_blocks)
+    elif tc.cuda_graph and device_type == "cuda":
+        run = graph_model(model, *batches[0], autocast)
     counter = iter(range(10 ** 9))
 
     def train_step():
@@ -243,6 +263,7 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak):
             train_step()
             timer.mark()
         times = timer.intervals_ms()
+        table = profile_steps(train_step, profile, device_type) if profile else None
     ms = statistics.median(times)
     tokens = tc.batch_size * mc.block_size * tc.grad_accum
     tok_s = tokens / (ms / 1e3)
@@ -252,7 +273,7 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak):
         "ms_p10": q[0], "ms_p90": q[-1], "tok_per_s": tok_s,
         "mfu": model.flops_per_token(mc.block_size) * tok_s / peak if peak else None,
         "peak_mem_GB": torch.cuda.max_memory_allocated() / 2 ** 30 if device_type == "cuda" else None,
-        "first_step_s": first_s,
+        "first_step_s": first_s, **({"profile": table} if table else {}),
     }
 
 
@@ -310,7 +331,7 @@ def run_row(name, row, args, device, peak):
     try:
         attention.WINDOW_KERNEL = knobs["window_kernel"] or default_window_kernel
         mc, tc = cfg.build(None, overrides)
-        result.update(bench_train(mc, tc, knobs, device, args.steps, args.warmup, peak))
+        result.update(bench_train(mc, tc, knobs, device, args.steps, args.warmup, peak, args.profile))
         if knobs["decode"] and not args.no_decode and knobs["decode_at"]:
             context, batch = (4 * mc.block_size, 2) if args.quick else knobs["decode_at"]
             result.update(bench_decode_at(mc, device, args.decode_tokens, context, batch))
@@ -399,6 +420,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="untimed steps first, the compiling one included (default 5)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens to generate in the decode timing")
     p.add_argument("--no-decode", action="store_true", help="skip the decode timings")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N more steps per row and print the operators that took longest")
     p.add_argument("--budget-s", type=float, help="start no new row after this many seconds")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
@@ -446,6 +469,8 @@ def main(argv=None):
         status = r.get("error") or f"{r['ms_per_step']:.2f} ms/step, {r['tok_per_s']:,.0f} tok/s" + \
             (f", MFU {r['mfu']:.1%}" if r.get("mfu") else "")
         print(f"  {name}: {status}  ({time.time() - t0:.0f}s)", flush=True)
+        if r.get("profile"):
+            print(r["profile"], flush=True)
         if args.json:  # rewritten after every row: a run cut short keeps what it measured
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": results}, f, indent=1)

@@ -40,9 +40,9 @@ LAUNCHED = time.time()  # before torch is imported: "since_launch" in the log co
 import torch  # noqa: E402
 from tqdm import tqdm
 
-from gpt import checkpoint, config as cfg, distributed, moe, plot
+from gpt import checkpoint, config as cfg, distributed, moe
 from gpt.loader import Loader, load_meta, open_split
-from gpt.model import GPT, compile_model, peak_flops
+from gpt.model import GPT, compile_model, graph_model, peak_flops
 from gpt.optim import lr_at, make_optimizer, set_lr
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -215,6 +215,16 @@ def main(argv=None):
         # under FSDP2 Dynamo skips GPT.forward (FSDP's hooks break its block loop) and compiles each
         # Block.forward and the loss apart: regional compilation, with the loss compiled as well
         model = compile_model(model, tc.compile_mode, tc.compile_blocks)
+    elif tc.cuda_graph and device_type == "cuda":
+        if d.enabled and tc.parallel != "diloco":
+            sys.exit("error: cuda_graph runs on one GPU (or under DiLoCo); DDP and FSDP2 hook into "
+                     "backward: use compile instead")
+        shape = (tc.batch_size, mc.block_size)
+        try:
+            model = graph_model(model, torch.randint(mc.vocab_size, shape, device=device),
+                                torch.randint(mc.vocab_size, shape, device=device), autocast)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
 
     # --- the run's folder -----------------------------------------------------------------------
     os.makedirs(tc.out_dir, exist_ok=True)
@@ -321,6 +331,7 @@ def main(argv=None):
             # divides (step 0, where nothing is learnt yet, left out) and at the end
             if not tc.save_interval or (step and step % tc.save_interval == 0) or step == tc.max_iters:
                 if main_rank:
+                    from gpt import plot  # matplotlib, imported when first needed: ~0.7 s of startup
                     plot.loss_curves(records, os.path.join(tc.out_dir, "loss.png"), title=tc.out_dir)
                     moe.save_usage_heatmaps(records, tc.out_dir)  # experts_*.png when the model routes
                 if math.isfinite(val_loss):  # never replace a checkpoint with a broken model

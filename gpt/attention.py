@@ -50,10 +50,13 @@ try:  # optional fast path: https://github.com/Dao-AILab/flash-attention
 except ImportError:
     flash_attn_func = None
 
-try:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # torch < 2.5
-    BlockMask = flex_attention = None
+
+def _flex():
+    """torch's FlexAttention module, imported on first use: it imports torch._dynamo, ~2 s that a
+    run without the "flex" window kernel should not wait for at startup."""
+    from torch.nn.attention import flex_attention
+    return flex_attention
+
 
 # The sliding-window kernel on a GPU when flash_attn is not importable, all exact:
 #   "flash_split": queries in blocks of `window`; each block attends causally to itself and to the
@@ -224,20 +227,18 @@ def window_block_mask(T, window, block_size, device):
         order = torch.argsort((~sel).to(torch.int32), dim=-1, stable=True).to(torch.int32)
         return counts[None, None], order[None, None]  # (1, 1, n), (1, 1, n, n)
 
-    return BlockMask.from_kv_blocks(*pack(partial), *pack(full), BLOCK_SIZE=block_size,
+    return _flex().BlockMask.from_kv_blocks(*pack(partial), *pack(full), BLOCK_SIZE=block_size,
                                     mask_mod=_window_mod(window), seq_lengths=(T, T))
 
 
 def flex_window(q, k, v, window):
     """Sliding-window attention with FlexAttention (compiled when run eagerly on a GPU)."""
     global _flex_compiled
-    if flex_attention is None:
-        raise RuntimeError("FlexAttention needs torch >= 2.5; set attention.WINDOW_KERNEL = 'chunked'")
     block_mask = window_block_mask(q.shape[2], window, FLEX_BLOCK_SIZE, q.device)
-    fn = flex_attention
+    fn = _flex().flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         if _flex_compiled is None:
-            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+            _flex_compiled = torch.compile(fn, dynamic=False)
         fn = _flex_compiled
     kwargs = {"kernel_options": FLEX_KERNEL_OPTIONS} if FLEX_KERNEL_OPTIONS else {}
     return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1], **kwargs)

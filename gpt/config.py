@@ -303,6 +303,8 @@ class TrainConfig:
                                  # gradient norm (each is skipped: no update)
     compile_mode: str = "default"  # "default" | "max-autotune-no-cudagraphs" | "max-autotune" | "reduce-overhead"
     compile_blocks: bool = False  # compile each block on its own: seconds instead of a minute (model.py)
+    cuda_graph: bool = False     # without compile: replay the training forward + backward as CUDA graphs,
+    #                              captured once (model.py graph_model; CUDA only, no routing layers)
     # --- several GPUs / nodes under torchrun (distributed.py) -------------------------------------
     parallel: str = "ddp"        # "ddp" | "fsdp" (sharded, FSDP2) | "diloco" (low-communication)
     diloco_inner_steps: int = 50  # DiLoCo: inner steps H between synchronisations
@@ -317,6 +319,9 @@ class TrainConfig:
         _check_choice(self, "parallel", ("ddp", "fsdp", "diloco"))
         if self.diloco_inner_steps <= 0 or self.diloco_outer_lr <= 0 or not 0 <= self.diloco_outer_momentum < 1:
             raise ValueError("need diloco_inner_steps > 0, diloco_outer_lr > 0, 0 <= diloco_outer_momentum < 1")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph replays an eager model's step: set compile=false with it (or use "
+                             "compile_mode='reduce-overhead', which compiles and graphs)")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ValueError("Muon needs whole matrices; with parallel=fsdp use optimizer=adamw (or parallel=ddp)")
         _check_choice(self, "device", ("auto", "cuda", "mps", "cpu"))

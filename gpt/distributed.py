@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+# FSDP2 and the state-dict helpers are imported where they are used: together they take ~0.8 s to
+# import (DTensor), which a one-GPU run should not wait for before its first step.
 
 
 @dataclass
@@ -88,6 +88,7 @@ def wrap(model, parallel, d, device_type, param_dtype=None):
         # the gradients are views into the all-reduce buckets: no copy between the two
         return DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None,
                    gradient_as_bucket_view=True)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device_type, (d.world_size,))
     # With param_dtype=bf16 each block is gathered in bf16 (half the bytes of fp32; autocast casts
     # the matmuls' weights to bf16 anyway) and its gradients are reduced and accumulated in fp32.
@@ -114,7 +115,7 @@ def grad_sync(model, enabled):
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper hides DDP's no_sync
     if isinstance(model, DDP):
         return contextlib.nullcontext() if enabled else model.no_sync()
-    if isinstance(model, FSDPModule):
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule (fully_shard)
         model.set_requires_gradient_sync(enabled)
         model.set_reshard_after_backward(enabled)
         for block in model.blocks:  # not the root: it is never resharded after forward
@@ -136,21 +137,22 @@ def mean_across_ranks(value, d):
 # Full state dicts: the same format whether the model is plain, DDP or FSDP2 (collective calls:
 # every rank must make them).
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def _optimizers(optimizer):
     return getattr(optimizer, "optimizers", optimizer)  # optim.Optimizers holds several
 
 
 def full_state(model, optimizer):
     """(model state, optimizer state), unsharded, on the CPU, keyed by parameter names."""
-    return (get_model_state_dict(model, options=_FULL),
-            get_optimizer_state_dict(model, _optimizers(optimizer), options=_FULL))
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=full),
+            get_optimizer_state_dict(model, _optimizers(optimizer), options=full))
 
 
 def load_optimizer_state(model, optimizer, optim_state):
     """Load a full optimizer state (from full_state) into this rank's, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, _optimizers(optimizer), optim_state,
                              options=StateDictOptions(full_state_dict=True))
 

@@ -207,10 +207,10 @@ def _fla_linear(fq, fk, v):
 def _fla_applies(x):
     if chunk_linear_attn is None or not x.is_cuda:
         return False
-    return _fla_ok if _fla_ok is not None else _fla_works(x.device)
+    # outside any compiled graph (wrapped here, not decorated: the decorator imports torch._dynamo)
+    return _fla_ok if _fla_ok is not None else torch.compiler.disable(_fla_works)(x.device)
 
 
-@torch.compiler.disable
 def _fla_works(device):
     """Whether fla's kernel runs here and agrees with chunked_linear, tried once on a small input:
     fla-core refuses some kernels on some GPU / Triton pairs, and a silent wrong answer is worse."""

@@ -29,18 +29,21 @@ def loss_curves(records, path, title="loss"):
     return compare({"": records}, path, title=title)
 
 
-def compare(runs, path, title="loss", x="tokens"):
-    """Overlay several runs: runs = {label: records}. Train loss dotted, val loss solid."""
+def compare(runs, path, title="loss", x="tokens", val_only=False, ylim=None):
+    """Overlay several runs: runs = {label: records}. Train loss faint, val loss solid with dots;
+    val_only leaves the train curves out (many runs on one plot); ylim = (low, high) zooms in."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, records) in enumerate(runs.items()):
-        color = f"C{i}"
+        color = f"C{i % 10}"
         prefix = f"{label} " if label else ""
-        train = [(r[x], r["loss"]) for r in records if r.get("kind") == "train"]
+        train = [] if val_only else [(r[x], r["loss"]) for r in records if r.get("kind") == "train"]
         val = [(r[x], r["val_loss"]) for r in records if r.get("kind") == "eval"]
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.45, lw=1, label=f"{prefix}train")
         if val:
             ax.plot(*zip(*val), color=color, marker="o", ms=3, lw=1.8, label=f"{prefix}val")
+    if ylim:
+        ax.set_ylim(*ylim)
     return _finish(fig, ax, path, title, x, "cross-entropy loss (nats/token)")
 
 
@@ -86,6 +89,8 @@ def main(argv=None):
     p.add_argument("--x", default="tokens", choices=["tokens", "flops", "step", "time"],
                    help="the horizontal axis (flops: training FLOPs, to compare models of unequal cost)")
     p.add_argument("--title", default="loss")
+    p.add_argument("--val", action="store_true", help="val loss only (no train curves)")
+    p.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="the loss axis' range")
     a = p.parse_args(argv)
     runs = {}
     for spec in a.runs:
@@ -97,7 +102,7 @@ def main(argv=None):
         if not any(a.x in r for r in records):
             p.error(f"{path} has no {a.x!r} in its records (logs of older runs have no 'flops')")
         runs[label or os.path.basename(os.path.dirname(os.path.abspath(path)))] = records
-    print(compare(runs, a.png, title=a.title, x=a.x))
+    print(compare(runs, a.png, title=a.title, x=a.x, val_only=a.val, ylim=a.ylim))
 
 
 if __name__ == "__main__":

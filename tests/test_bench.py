@@ -44,6 +44,14 @@ def test_a_failing_row_is_reported_not_raised(monkeypatch):
     assert "| broken | ValueError" in bench.table(results)
 
 
+def test_profile_lists_the_step_s_operators(capsys):
+    results = bench.main(["--quick", "--rows", "gpt2", "--profile", "1", "--no-decode"])
+    table = results[0]["profile"]
+    # the matrix products and the optimizer's step are among what a training step spends time in
+    assert "aten::mm" in table and "Optimizer.step" in table
+    assert table in capsys.readouterr().out
+
+
 def test_unknown_row_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--rows", "nope"])

@@ -85,5 +85,42 @@ def test_plot_compares_runs_from_the_command_line(run, tmp_path):
     out = str(tmp_path / "cmp.png")
     plot.main([out, f"a={folder}", f"b={folder}/log.jsonl", "--x", "flops"])
     assert os.path.getsize(out) > 10_000
+    plot.main([out, f"a={folder}", "--val", "--ylim", "1", "5", "--x", "step"])  # val curves only, zoomed
+    assert os.path.getsize(out) > 10_000
     with pytest.raises(SystemExit):
         plot.main([out, str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs (train.py --cuda_graph, model.graph_model)
+
+def test_cuda_graph_refuses_compile_and_routing_layers():
+    from gpt import config as cfg
+    from gpt.model import GPT, graph_model
+    with pytest.raises(ValueError, match="compile=false"):
+        cfg.TrainConfig(cuda_graph=True, compile=True)
+    model = GPT(cfg.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, ffn="moe", n_expert=4,
+                              n_expert_active=2, n_shared_expert=1))
+    x = torch.zeros(2, 16, dtype=torch.long)
+    with pytest.raises(ValueError, match="MoE"):  # refused before anything touches a GPU
+        graph_model(model, x, x, torch.autocast("cpu", dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_gpu_cuda_graph_run_equals_the_eager_run(data_root, tmp_path, optimizer):
+    """The same run (no dropout: the graph draws its own random numbers) eagerly and with the step
+    replayed from CUDA graphs: the same losses, step by step, up to bf16 round-off."""
+    losses = {}
+    for graph in (False, True):
+        out = tmp_path / f"graph{graph}"
+        proc = run_train("--preset", "shakespeare-char-speedrun", "--data_dir", data_root, "--dataset", "tiny_char",
+                         "--out_dir", out, "--n_layer", "2", "--n_embd", "96", "--n_head", "2", "--block_size", "64",
+                         "--batch_size", "16", "--dropout", "0", "--max_iters", "40", "--eval_interval", "20",
+                         "--log_interval", "5", "--optimizer", optimizer, "--cuda_graph", str(graph).lower())
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        losses[graph] = [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"]
+    eager, graphed = torch.tensor(losses[False]), torch.tensor(losses[True])
+    assert len(eager) == 8 and eager[-1] < eager[0] - 0.5  # it learnt
+    torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=0)
