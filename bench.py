@@ -244,7 +244,7 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not tc.cuda_graph)
         model.after_step()
 
     with sdpa_context(knobs["sdpa"], device_type):

@@ -354,7 +354,7 @@ def main(argv=None):
         grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP2: a sharded norm
         ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         step_if_finite(optimizer, ok)  # a non-finite loss or gradient changes nothing
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not tc.cuda_graph)  # graph_model's gradients stay allocated
         raw_model.after_step()
         if diloco is not None:
             diloco.after_inner_step(step)  # every diloco_inner_steps: average the workers

@@ -274,15 +274,26 @@ def graph_model(model, x, y, autocast):
     shape (its values do not matter); autocast: the context training runs under (captured once, so
     its weight-cast cache must be off). Every step then takes exactly this shape, and the model must
     launch the same kernels every step: no host syncs, no data-dependent shapes, no auxiliary losses
-    (the routing layers, MoE, MoA, PEER, MoD, are refused)."""
+    (the routing layers, MoE, MoA, PEER, MoD, are refused). Zero its gradients with
+    zero_grad(set_to_none=False) (see below)."""
     routed = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("MoE", "MoA", "PEER", "MoD")]
     if routed:
         raise ValueError(f"cuda_graph cannot capture a model with {routed[0]} layers (data-dependent "
                          "routing and auxiliary losses); train it with compile or eagerly")
     if getattr(autocast, "fast_dtype", None) is not None:
         autocast = torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False)
-    with autocast:
-        return torch.cuda.make_graphed_callables(model, (x, y), allow_unused_input=True)
+    try:
+        with autocast:
+            graphed = torch.cuda.make_graphed_callables(model, (x, y), allow_unused_input=True)
+    except RuntimeError as e:
+        raise ValueError(f"cuda_graph could not capture this model's training step ({str(e).splitlines()[0]}); "
+                         "train it with compile or eagerly") from e
+    # Each parameter gets a gradient of its own, which backward adds into in place: left None, it
+    # would take the replayed graph's output buffer itself, which the next replay (the next
+    # micro-step) overwrites. So the training loop zeroes gradients in place (set_to_none=False).
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return graphed
 
 
 # Dense bf16 tensor-core peak, FLOP/s, by GPU name (datasheet figures, without sparsity).

@@ -108,17 +108,19 @@ def test_cuda_graph_refuses_compile_and_routing_layers():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_gpu_cuda_graph_run_equals_the_eager_run(data_root, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, grad_accum", [("adamw", 1), ("muon", 2)])
+def test_gpu_cuda_graph_run_equals_the_eager_run(data_root, tmp_path, optimizer, grad_accum):
     """The same run (no dropout: the graph draws its own random numbers) eagerly and with the step
-    replayed from CUDA graphs: the same losses, step by step, up to bf16 round-off."""
+    replayed from CUDA graphs: the same losses, step by step, up to bf16 round-off; with two
+    micro-steps the second replay must not overwrite the first one's gradients."""
     losses = {}
     for graph in (False, True):
         out = tmp_path / f"graph{graph}"
         proc = run_train("--preset", "shakespeare-char-speedrun", "--data_dir", data_root, "--dataset", "tiny_char",
                          "--out_dir", out, "--n_layer", "2", "--n_embd", "96", "--n_head", "2", "--block_size", "64",
                          "--batch_size", "16", "--dropout", "0", "--max_iters", "40", "--eval_interval", "20",
-                         "--log_interval", "5", "--optimizer", optimizer, "--cuda_graph", str(graph).lower())
+                         "--log_interval", "5", "--optimizer", optimizer, "--grad_accum", grad_accum,
+                         "--cuda_graph", str(graph).lower())
         assert proc.returncode == 0, proc.stdout + proc.stderr
         losses[graph] = [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"]
     eager, graphed = torch.tensor(losses[False]), torch.tensor(losses[True])
