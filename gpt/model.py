@@ -276,7 +276,7 @@ def graph_model(model, x, y, autocast):
     launch the same kernels every step: no host syncs, no data-dependent shapes, no auxiliary losses
     (the routing layers, MoE, MoA, PEER, MoD, are refused). Zero its gradients with
     zero_grad(set_to_none=False) (see below)."""
-    routed = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("MoE", "MoA", "PEER", "MoD")]
+    routed = [type(m).__name__ for m in model.modules() if isinstance(m, (MoE, MoA, PEER, MoD))]
     if routed:
         raise ValueError(f"cuda_graph cannot capture a model with {routed[0]} layers (data-dependent "
                          "routing and auxiliary losses); train it with compile or eagerly")
