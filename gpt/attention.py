@@ -228,7 +228,7 @@ def window_block_mask(T, window, block_size, device):
         return counts[None, None], order[None, None]  # (1, 1, n), (1, 1, n, n)
 
     return _flex().BlockMask.from_kv_blocks(*pack(partial), *pack(full), BLOCK_SIZE=block_size,
-                                    mask_mod=_window_mod(window), seq_lengths=(T, T))
+                                            mask_mod=_window_mod(window), seq_lengths=(T, T))
 
 
 def flex_window(q, k, v, window):
