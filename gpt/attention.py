@@ -107,6 +107,10 @@ def attend(q, k, v, q_pos=None, k_pos=None, dropout=0.0, window=None):
         if _flash_attn_applies(q):
             return _flash_attn(q, k, v, dropout)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+    if q.shape[2] == 1 and window is None and q_pos.dim() == k_pos.dim() == 1:
+        # one new token against a global cache (KVCache: the keys are every token up to and
+        # including it) sees every key: no mask, so SDPA may pick its flash (split-KV) kernel
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     mask = visible(q_pos, k_pos, window)  # (T, S) or (B, T, S)
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)  # (B, 1, T, S)
