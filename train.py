@@ -218,7 +218,7 @@ def main(argv=None):
     elif tc.cuda_graph and device_type == "cuda":
         if d.enabled and tc.parallel != "diloco":
             sys.exit("error: cuda_graph runs on one GPU (or under DiLoCo); DDP and FSDP2 hook into "
-                     "backward: use compile instead")
+                     "backward: pass --cuda_graph false, or compile instead")
         shape = (tc.batch_size, mc.block_size)
         try:
             model = graph_model(model, torch.randint(mc.vocab_size, shape, device=device),

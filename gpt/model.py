@@ -279,7 +279,7 @@ def graph_model(model, x, y, autocast):
     routed = [type(m).__name__ for m in model.modules() if isinstance(m, (MoE, MoA, PEER, MoD))]
     if routed:
         raise ValueError(f"cuda_graph cannot capture a model with {routed[0]} layers (data-dependent "
-                         "routing and auxiliary losses); train it with compile or eagerly")
+                         "routing and auxiliary losses); pass --cuda_graph false (eager) or compile instead")
     if getattr(autocast, "fast_dtype", None) is not None:
         autocast = torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False)
     try:
@@ -287,7 +287,7 @@ def graph_model(model, x, y, autocast):
             graphed = torch.cuda.make_graphed_callables(model, (x, y), allow_unused_input=True)
     except RuntimeError as e:
         raise ValueError(f"cuda_graph could not capture this model's training step ({str(e).splitlines()[0]}); "
-                         "train it with compile or eagerly") from e
+                         "pass --cuda_graph false (eager) or compile instead") from e
     # Each parameter gets a gradient of its own, which backward adds into in place: left None, it
     # would take the replayed graph's output buffer itself, which the next replay (the next
     # micro-step) overwrites. So the training loop zeroes gradients in place (set_to_none=False).
