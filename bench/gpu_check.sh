@@ -129,7 +129,6 @@ fi
 # --- the speedrun preset, Muon and AdamW ---------------------------------------------------------------
 if [[ $PARTS == *" train "* ]]; then
   run speedrun 50 --preset shakespeare-char-speedrun
-  run speedrun-graph 50 --preset shakespeare-char-speedrun --cuda_graph true
   run speedrun-adamw 50 --preset shakespeare-char-speedrun --optimizer adamw
 fi
 
