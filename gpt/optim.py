@@ -10,7 +10,7 @@ keeps a momentum of the gradient and steps along its nearest semi-orthogonal mat
 Newton–Schulz iteration instead of an SVD:
 
     B_t = mu B_{t-1} + (1 - mu) g_t;   U_t = (1 - mu) g_t + mu B_t      (Nesterov)
-    X_0 = U_t / ||U_t||_F;   X_{k+1} = a X_k + (b A_k + c A_k^2) X_k,  A_k = X_k X_k^T   (5 times, bf16)
+    X_0 = U_t / ||U_t||_F;   X_{k+1} = a X_k + (b A_k + c A_k^2) X_k,  A_k = X_k X_k^T   (5 times, bf16 on a GPU)
     W <- W (1 - lr wd) - lr sqrt(max(1, rows / cols)) X_5
 
     (a, b, c) = (3.4445, -4.7750, 2.0315): X_5 ~ U S' V^T with S' in about [0.7, 1.2], not exactly
@@ -116,10 +116,12 @@ class Optimizers:
 
 def zeropower_via_newtonschulz(G, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
     """Approximately orthogonalise each matrix of G (..., m, n): the quintic Newton–Schulz
-    iteration of torch.optim.Muon, in bf16, batched over the leading dims."""
+    iteration of torch.optim.Muon, batched over the leading dims; in bf16 on a GPU, as torch's, and
+    in fp32 on a CPU, where bf16 matmuls have no hardware path (30-40x slower there: a 33 s step
+    for the baby GPT on this project's CPU)."""
     a, b, c = coefficients
     shape = G.shape
-    X = G.reshape(-1, *shape[-2:]).bfloat16()  # (G, m, n)
+    X = G.reshape(-1, *shape[-2:]).to(torch.bfloat16 if G.is_cuda else torch.float32)  # (G, m, n)
     tall = shape[-2] > shape[-1]
     if tall:
         X = X.mT  # (G, n, m): iterate on the smaller Gram matrix

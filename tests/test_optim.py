@@ -65,8 +65,11 @@ def test_batched_muon_equals_torch_muon(nesterov, wd, device):
             p.grad, q.grad = g.clone(), g.clone()
         ref.step()
         ours.step()
-    for p, q in zip(ref_params, our_params):  # bf16 Newton-Schulz: batched and one-by-one round alike
-        torch.testing.assert_close(q, p, rtol=0, atol=2e-3)
+    # on a GPU both iterate in bf16 (batched and one-by-one round alike); on a CPU ours runs in fp32,
+    # torch's in bf16: 3 steps of lr 0.05 differ by bf16's rounding of the update (~1%)
+    atol = 2e-3 if device == "cuda" else 5e-3
+    for p, q in zip(ref_params, our_params):
+        torch.testing.assert_close(q, p, rtol=0, atol=atol)
     ours_state = ours.state_dict()["state"]
     for i, p in enumerate(ref_params):
         torch.testing.assert_close(ours_state[i]["momentum_buffer"], ref.state[p]["momentum_buffer"])
