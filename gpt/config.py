@@ -320,8 +320,8 @@ class TrainConfig:
         if self.diloco_inner_steps <= 0 or self.diloco_outer_lr <= 0 or not 0 <= self.diloco_outer_momentum < 1:
             raise ValueError("need diloco_inner_steps > 0, diloco_outer_lr > 0, 0 <= diloco_outer_momentum < 1")
         if self.cuda_graph and self.compile:
-            raise ValueError("cuda_graph replays an eager model's step: set compile=false with it (or use "
-                             "compile_mode='reduce-overhead', which compiles and graphs)")
+            raise ValueError("cuda_graph replays an eager model's step: set compile=false with it, or "
+                             "cuda_graph=false to compile (compile_mode='reduce-overhead' compiles and graphs)")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ValueError("Muon needs whole matrices; with parallel=fsdp use optimizer=adamw (or parallel=ddp)")
         _check_choice(self, "device", ("auto", "cuda", "mps", "cpu"))
