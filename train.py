@@ -43,7 +43,7 @@ from tqdm import tqdm
 from gpt import checkpoint, config as cfg, distributed, moe
 from gpt.loader import Loader, load_meta, open_split
 from gpt.model import GPT, compile_model, graph_model, peak_flops
-from gpt.optim import lr_at, make_optimizer, set_lr
+from gpt.optim import Muon, lr_at, make_optimizer, set_lr
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NAN_STEPS = "GPT_TEST_NAN_STEPS"  # testing hook: "3,4" makes the loss of steps 3 and 4 (0-based) NaN
@@ -122,11 +122,11 @@ def step_if_finite(optimizer, ok):
     """optimizer.step(), skipped when `ok` (a 0-d bool tensor on the device) is False.
 
     Fused AdamW (ours on CUDA) reads the verdict on the device, as `found_inf`, the tensor through
-    which torch.amp.GradScaler skips steps: no host sync. Other optimizers (Muon; AdamW off CUDA)
-    need it on the host: one sync per step, which costs nothing on a CPU.
+    which torch.amp.GradScaler skips steps, and so does our Muon: no host sync. Other optimizers
+    (AdamW off CUDA) need it on the host: one sync per step, which costs nothing on a CPU.
     """
     optimizers = getattr(optimizer, "optimizers", [optimizer])  # optim.Optimizers holds several
-    if all(getattr(opt, "defaults", {}).get("fused") for opt in optimizers):
+    if all(getattr(opt, "defaults", {}).get("fused") or isinstance(opt, Muon) for opt in optimizers):
         found_inf = (~ok).float()
         for opt in optimizers:
             opt.found_inf = found_inf

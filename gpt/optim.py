@@ -147,7 +147,13 @@ def muon_lr_scale(shape, adjust_lr_fn=None):
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with one batched Newton–Schulz per shape of matrix (same update, same state)."""
+    """torch.optim.Muon with one batched Newton–Schulz per shape of matrix (same update, same state).
+
+    Like fused AdamW it skips a step on the device: set `found_inf` (a 0-d float tensor, 1 = the
+    gradients are not finite) before step() and a bad step leaves weights and momentum exactly as
+    they were, without the host reading the verdict (train.py's step_if_finite)."""
+
+    found_inf = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,6 +161,7 @@ class Muon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keep = None if self.found_inf is None else 1 - self.found_inf  # 0-d: 1 = step, 0 = skip
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -165,10 +172,16 @@ class Muon(torch.optim.Muon):
             grads = [p.grad for p in params]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)  # B = mu B + (1 - mu) g
+            if keep is not None:  # a skipped step: g = 0 and every change below multiplied by 0
+                grads = [torch.where(keep > 0, g, 0) for g in grads]  # (a non-finite g would poison B)
+                delta = torch._foreach_sub(grads, bufs)
+                torch._foreach_mul_(delta, (1 - mu) * keep)
+                torch._foreach_add_(bufs, delta)  # B = B + (1 - mu) (g - B), or B
+            else:
+                torch._foreach_lerp_(bufs, grads, 1 - mu)  # B = mu B + (1 - mu) g
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
             if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_mul_(params, 1 - lr * wd if keep is None else 1 - lr * wd * keep)
             same_shape = defaultdict(list)
             for p, u in zip(params, updates):
                 same_shape[tuple(p.shape)].append((p, u))
@@ -177,6 +190,8 @@ class Muon(torch.optim.Muon):
                 O = zeropower_via_newtonschulz(torch.stack([u for _, u in pairs]),  # (G, m, n)
                                                group["ns_coefficients"], group["ns_steps"], group["eps"])
                 step = -lr * muon_lr_scale(shape, group["adjust_lr_fn"])
+                if keep is not None:
+                    O = O * keep
                 torch._foreach_add_(ps, list(O.to(ps[0].dtype).unbind(0)), alpha=step)
         return loss
 

@@ -75,6 +75,32 @@ def test_batched_muon_equals_torch_muon(nesterov, wd, device):
         torch.testing.assert_close(ours_state[i]["momentum_buffer"], ref.state[p]["momentum_buffer"])
 
 
+def test_muon_skips_a_step_on_the_device():
+    """found_inf = 1 (a non-finite gradient, read on the device): weights and momentum stay exactly
+    as they were; found_inf = 0: the step of a Muon without it."""
+    shapes = [(16, 32), (16, 32), (48, 16)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    plain, flagged = (Muon(ps, lr=0.05, weight_decay=0.1) for ps in (a, b))
+    for _ in range(2):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        flagged.found_inf = torch.tensor(0.0)
+        flagged.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q, p)
+    weights = [q.detach().clone() for q in b]
+    momenta = [flagged.state[q]["momentum_buffer"].clone() for q in b]
+    for q in b:
+        q.grad = torch.full_like(q, float("nan"))
+    flagged.found_inf = torch.tensor(1.0)
+    flagged.step()
+    assert all(torch.equal(q, w) for q, w in zip(b, weights))
+    assert all(torch.equal(flagged.state[q]["momentum_buffer"], m) for q, m in zip(b, momenta))
+
+
 def test_tiny_model_learns_with_muon():
     model = GPT(tiny_config())
     tc = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.03, warmup_iters=0, max_iters=40)

@@ -276,6 +276,19 @@ def test_step_if_finite_skips_exactly(fused):
     assert not torch.equal(w, before[0]) and opt.state[w]["step"].item() == 2
 
 
+def test_step_if_finite_hands_muon_the_verdict_on_the_device(monkeypatch):
+    """Fused AdamW + Muon (the muon optimizer on CUDA): neither reads the verdict on the host."""
+    from gpt.optim import Muon, Optimizers
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = Optimizers(Muon([w], lr=0.05), torch.optim.AdamW([b], lr=0.1, fused=True))
+    w.grad, b.grad = torch.full((4, 3), float("nan")), torch.full((3,), float("nan"))
+    before = w.detach().clone(), b.detach().clone()
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("host read of the verdict"))
+    train.step_if_finite(opt, torch.tensor(False))
+    monkeypatch.undo()
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Bad inputs: one line, non-zero exit, nothing written or changed
 
@@ -373,9 +386,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_bad_step_is_skipped_without_a_host_sync():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_gpu_bad_step_is_skipped_without_a_host_sync(optimizer):
+    """Fused AdamW, and Muon for the weight with fused AdamW for the bias (the muon optimizer)."""
+    from gpt.optim import Muon, Optimizers
     model = torch.nn.Linear(8, 8).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    else:
+        opt = Optimizers(Muon([model.weight], lr=0.05), torch.optim.AdamW([model.bias], lr=0.1, fused=True))
     bad = train.BadSteps()
 
     def step(poison):
@@ -399,7 +418,8 @@ def test_gpu_bad_step_is_skipped_without_a_host_sync():
     step(False)
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert bad.count() == 1 and bad.streak == 0
-    assert all(s["step"].item() == 2 for s in opt.state.values())
+    adamw = opt if optimizer == "adamw" else opt.optimizers[1]
+    assert all(s["step"].item() == 2 for s in adamw.state.values())
 
 
 @pytest.mark.gpu
