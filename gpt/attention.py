@@ -90,6 +90,12 @@ def visible(q_pos, k_pos, window=None):
     return mask
 
 
+def sees_every_key(q_pos, k_pos, window=None):
+    """True for the step that decoding repeats: one new token (q_pos: (1,)) against a global cache
+    (KVCache: k_pos (S,), every token up to and including it), which needs no mask."""
+    return window is None and q_pos.dim() == k_pos.dim() == 1 and q_pos.shape[0] == 1
+
+
 def attend(q, k, v, q_pos=None, k_pos=None, dropout=0.0, window=None):
     """Causal attention of q over k, v, optionally limited to a sliding window.
 
@@ -107,9 +113,7 @@ def attend(q, k, v, q_pos=None, k_pos=None, dropout=0.0, window=None):
         if _flash_attn_applies(q):
             return _flash_attn(q, k, v, dropout)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
-    if q.shape[2] == 1 and window is None and q_pos.dim() == k_pos.dim() == 1:
-        # one new token against a global cache (KVCache: the keys are every token up to and
-        # including it) sees every key: no mask, so SDPA may pick its flash (split-KV) kernel
+    if sees_every_key(q_pos, k_pos, window):  # no mask: SDPA may pick its flash (split-KV) kernel
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     mask = visible(q_pos, k_pos, window)  # (T, S) or (B, T, S)
     if mask.dim() == 3:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.attention import KVCache, RingKVCache, attend, visible
+from gpt.attention import KVCache, RingKVCache, attend, sees_every_key, visible
 from gpt.rope import Rotary
 
 
@@ -194,7 +194,7 @@ class MultiHeadLatentAttention(nn.Module):
         # outputs cut, because the CPU's fused kernel wants one head size for q, k and v.
         v = kv[..., :r] if kv.is_cuda else kv  # (B, 1, S, r) or (B, 1, S, r + dr)
         mask = None
-        if not (T == 1 and self.window is None and k_pos.dim() == 1):
+        if not sees_every_key(q_pos, k_pos, self.window):
             mask = visible(q_pos, k_pos, self.window).tile(nh, 1)  # (nh*T, S), or (B, nh*T, S) routed
             mask = mask if mask.dim() == 2 else mask.unsqueeze(1)  # (B, 1, nh*T, S)
         o_lat = F.scaled_dot_product_attention(q, kv, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
