@@ -151,7 +151,8 @@ class Muon(torch.optim.Muon):
 
     Like fused AdamW it skips a step on the device: set `found_inf` (a 0-d float tensor, 1 = the
     gradients are not finite) before step() and a bad step leaves weights and momentum exactly as
-    they were, without the host reading the verdict (train.py's step_if_finite)."""
+    they were, without the host reading the verdict (train.py's step_if_finite). Tested on a CPU;
+    its GPU test (tests/test_reliability.py, no host sync allowed) has not run on a GPU yet."""
 
     found_inf = None
 
