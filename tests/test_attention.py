@@ -442,3 +442,25 @@ def test_gpu_traced_model_with_local_layers():
     (a, ga), (b, gb) = grads
     assert abs(a - b) < 1e-3
     close(gb, ga, 1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_cached_decode_matches_full_forward():
+    """generate()'s path on a GPU in bf16 (under decoding_kernels, as generate() runs): prefill, then
+    one token at a time: against a global layer's cache without a mask (flash's split-KV kernel may
+    take it), against a local layer's ring buffer with one; GQA, RoPE and KV sharing on. Logits
+    equal the uncached full forward's."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256, layers="LG",
+                    window=64, pos="rope", n_kv_head=2, kv_share=2)
+    model = GPT(cfg).cuda().bfloat16().eval()
+    idx = torch.randint(0, 256, (4, 200), device="cuda")
+    with torch.no_grad(), attention.decoding_kernels():
+        full, _ = model(idx, idx)
+        cache = model.new_cache(4, 200)
+        prefill = idx[:, :150].contiguous()
+        got = [model(prefill, prefill, cache=cache)[0]]
+        got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(150, 200)]
+    got = torch.cat(got, dim=1).float()
+    assert (got - full.float()).norm() / full.float().norm() < 1e-2
