@@ -39,7 +39,7 @@ import torch
 
 from gpt import attention, config as cfg
 from gpt.generate import generate
-from gpt.model import GPT, compile_model, graph_model, peak_flops
+from gpt.model import GPT, compile_model, graph_step, peak_flops
 from gpt.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------
@@ -226,16 +226,16 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
     batches = [(torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size), generator=g).to(device),
                 torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size), generator=g).to(device))
                for _ in range(4)]  # rotated, so no step reads the same batch as the one before
+    graphed = tc.cuda_graph and device_type == "cuda"
+    if graphed and bf16:  # a captured step cannot use autocast's weight-cast cache
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     run = model
     if tc.compile and device_type == "cuda":
         run = compile_model(model, tc.compile_mode, tc.compile_blocks)
-    elif tc.cuda_graph and device_type == "cuda":
-        run = graph_model(model, *batches[0], autocast)
-    counter = iter(range(10 ** 9))
 
-    def train_step():
-        for _ in range(tc.grad_accum):
-            x, y = batches[next(counter) % len(batches)]
+    def step(micro_batches):
+        opt.zero_grad(set_to_none=True)
+        for x, y in micro_batches:
             with autocast:
                 _, loss = run(x, y)
                 aux = model.aux_loss()
@@ -245,7 +245,14 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        opt.zero_grad(set_to_none=not tc.cuda_graph)
+        return (loss.detach(),)
+
+    if graphed:  # train.py's --cuda_graph: the whole step as one CUDA graph
+        step = graph_step(model, opt, step, [batches[0]] * tc.grad_accum)
+    counter = iter(range(10 ** 9))
+
+    def train_step():
+        step([batches[next(counter) % len(batches)] for _ in range(tc.grad_accum)])
         model.after_step()
 
     with sdpa_context(knobs["sdpa"], device_type):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from gpt import checkpoint, config as cfg, distributed, moe
 from gpt.loader import Loader, load_meta, open_split
-from gpt.model import GPT, compile_model, graph_model, peak_flops
+from gpt.model import GPT, compile_model, graph_step, peak_flops
 from gpt.optim import Muon, lr_at, make_optimizer, set_lr
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -215,16 +215,13 @@ def main(argv=None):
         # under FSDP2 Dynamo skips GPT.forward (FSDP's hooks break its block loop) and compiles each
         # Block.forward and the loss apart: regional compilation, with the loss compiled as well
         model = compile_model(model, tc.compile_mode, tc.compile_blocks)
-    elif tc.cuda_graph and device_type == "cuda":
-        if d.enabled and tc.parallel != "diloco":
-            sys.exit("error: cuda_graph runs on one GPU (or under DiLoCo); DDP and FSDP2 hook into "
-                     "backward: pass --cuda_graph false, or compile instead")
-        shape = (tc.batch_size, mc.block_size)
-        try:
-            model = graph_model(model, torch.randint(mc.vocab_size, shape, device=device),
-                                torch.randint(mc.vocab_size, shape, device=device), autocast)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+    graphed = tc.cuda_graph and device_type == "cuda"  # (config refuses cuda_graph with compile)
+    if graphed and d.enabled and tc.parallel != "diloco":
+        sys.exit("error: cuda_graph runs on one GPU (or under DiLoCo); DDP and FSDP2 hook into "
+                 "backward: pass --cuda_graph false, or compile instead")
+    if graphed:  # captured below, once train_step is defined; autocast's weight-cast cache must be off
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16",
+                                  cache_enabled=False)
 
     # --- the run's folder -----------------------------------------------------------------------
     os.makedirs(tc.out_dir, exist_ok=True)
@@ -300,6 +297,34 @@ def main(argv=None):
     flops_per_step = raw_model.flops_per_token(mc.block_size) * tokens_per_step
     peak = peak_flops(device) if device_type == "cuda" else None
     nan_steps = {int(s) for s in os.environ.get(NAN_STEPS, "").split(",") if s}
+    poison = torch.ones((), device=device) if nan_steps else None  # NaN at those steps (a test hook)
+
+    def train_step(batches):
+        """One optimizer step on grad_accum micro-batches [(x, y), ...]. Returns the last micro-step's
+        loss, the gradient norm and the verdict `ok` (all on the device: no host sync)."""
+        optimizer.zero_grad(set_to_none=True)
+        for micro, (x, y) in enumerate(batches):
+            # gradients are all-reduced on the last micro-step only
+            with distributed.grad_sync(model, micro == tc.grad_accum - 1), autocast:
+                _, loss = model(x, y)
+                if poison is not None:
+                    loss = loss * poison
+                aux = raw_model.aux_loss()
+                total = loss if aux is None else loss + aux
+            (total / tc.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP2: a sharded norm
+        ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        step_if_finite(optimizer, ok)  # a non-finite loss or gradient changes nothing
+        return loss.detach(), grad_norm, ok
+
+    if graphed:  # the whole step as one CUDA graph, replayed at each step (model.graph_step)
+        shape = (tc.batch_size, mc.block_size)
+        try:
+            train_step = graph_step(raw_model, optimizer, train_step, [
+                (torch.zeros(shape, dtype=torch.long, device=device),) * 2 for _ in range(tc.grad_accum)])
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if main_rank:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens/step, "
               f"device {device}, {dtype}, data {data_dir}"
@@ -340,21 +365,9 @@ def main(argv=None):
         if step == tc.max_iters:
             break
 
-        for micro in range(tc.grad_accum):
-            x, y = loader.next()
-            # gradients are all-reduced on the last micro-step only
-            with distributed.grad_sync(model, micro == tc.grad_accum - 1), autocast:
-                _, loss = model(x, y)
-                if step in nan_steps:
-                    loss = loss * float("nan")
-                aux = raw_model.aux_loss()
-                total = loss if aux is None else loss + aux
-            (total / tc.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP2: a sharded norm
-        ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        step_if_finite(optimizer, ok)  # a non-finite loss or gradient changes nothing
-        optimizer.zero_grad(set_to_none=not tc.cuda_graph)  # graph_model's gradients stay allocated
+        if poison is not None:
+            poison.fill_(float("nan") if step in nan_steps else 1.0)
+        loss, grad_norm, ok = train_step([loader.next() for _ in range(tc.grad_accum)])
         raw_model.after_step()
         if diloco is not None:
             diloco.after_inner_step(step)  # every diloco_inner_steps: average the workers

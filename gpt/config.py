@@ -303,8 +303,8 @@ class TrainConfig:
                                  # gradient norm (each is skipped: no update)
     compile_mode: str = "default"  # "default" | "max-autotune-no-cudagraphs" | "max-autotune" | "reduce-overhead"
     compile_blocks: bool = False  # compile each block on its own: seconds instead of a minute (model.py)
-    cuda_graph: bool = False     # without compile: replay the training forward + backward as CUDA graphs,
-    #                              captured once (model.py graph_model; CUDA only, no routing layers)
+    cuda_graph: bool = False     # without compile: replay the whole training step (forward, backward,
+    #                              optimizer) as one CUDA graph (model.py graph_step; CUDA only, no routing layers)
     # --- several GPUs / nodes under torchrun (distributed.py) -------------------------------------
     parallel: str = "ddp"        # "ddp" | "fsdp" (sharded, FSDP2) | "diloco" (low-communication)
     diloco_inner_steps: int = 50  # DiLoCo: inner steps H between synchronisations

@@ -265,35 +265,74 @@ def compile_model(model, mode="default", blocks=False):
     return model
 
 
-def graph_model(model, x, y, autocast):
-    """CUDA graphs for training without compiling: the forward and backward of model(x, y) are
-    captured once (torch.cuda.make_graphed_callables: a few warm-up runs, then one capture) and each
-    step replays them, so a small model no longer pays the CPU time of launching its ~1000 kernels one
-    by one (the baby GPT's eager step: ~29 ms on an H100, nearly all launch overhead). Returns the
-    module to call in training; in eval mode it runs its eager forward. x, y: a batch of the training
-    shape (its values do not matter); autocast: the context training runs under (captured once, so
-    its weight-cast cache must be off). Every step then takes exactly this shape, and the model must
-    launch the same kernels every step: no host syncs, no data-dependent shapes, no auxiliary losses
-    (the routing layers, MoE, MoA, PEER, MoD, are refused). Zero its gradients with
-    zero_grad(set_to_none=False) (see below)."""
+def graph_step(model, optimizer, step, batches, warmup=3):
+    """CUDA graphs for training without compiling: the whole training step, `step(batches)` (forward,
+    backward, gradient clipping, optimizer step: ~1500 kernels for the baby GPT), captured once as
+    one CUDA graph, so a small model no longer pays the CPU time of launching its kernels one by one
+    (eager, the baby GPT's step takes ~29 ms on an H100, nearly all of it launch overhead).
+
+    batches: the micro-batches of one step, a list of (x, y) (values do not matter: the graph keeps
+    copies that each call refills). Returns `replay(batches)`, which runs the step on new batches
+    and returns copies of step's outputs (tensors). So every step takes exactly these shapes, and
+    `step` must launch the same kernels every time: no host syncs, no data-dependent shapes, no
+    routing (MoE, MoA, PEER and MoD are refused), and it must set its gradients to None first
+    (zero_grad(set_to_none=True)) so that backward writes them afresh inside the graph. The learning
+    rate is read from optimizer.param_groups at each replay, so the schedule works as before (fused
+    AdamW and our Muon take it as a tensor on the device). `warmup` eager steps on a side stream
+    (which CUDA graphs need before a capture) make the optimizer state; then the weights and the
+    state are put back as they were, so the run starts from where it stood."""
     routed = [type(m).__name__ for m in model.modules() if isinstance(m, (MoE, MoA, PEER, MoD))]
     if routed:
         raise ValueError(f"cuda_graph cannot capture a model with {routed[0]} layers (data-dependent "
                          "routing and auxiliary losses); pass --cuda_graph false (eager) or compile instead")
-    if getattr(autocast, "fast_dtype", None) is not None:
-        autocast = torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False)
+    device = next(model.parameters()).device
+    static = [tuple(t.clone() for t in b) for b in batches]
+    optimizers = getattr(optimizer, "optimizers", [optimizer])  # optim.Optimizers holds several
+    groups = optimizer.param_groups
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = [{p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+             for opt in optimizers]
+    saved = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in groups]
+    lr_tensors = [torch.tensor(float(g["lr"]), device=device) for g in groups]
+    for g, t in zip(groups, lr_tensors):
+        g["lr"] = t
+        if "capturable" in g:
+            g["capturable"] = True  # AdamW checks it under capture (fused keeps its step count on the device anyway)
     try:
-        with autocast:
-            graphed = torch.cuda.make_graphed_callables(model, (x, y), allow_unused_input=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(static)
     except RuntimeError as e:
         raise ValueError(f"cuda_graph could not capture this model's training step ({str(e).splitlines()[0]}); "
                          "pass --cuda_graph false (eager) or compile instead") from e
-    # Each parameter gets a gradient of its own, which backward adds into in place: left None, it
-    # would take the replayed graph's output buffer itself, which the next replay (the next
-    # micro-step) overwrites. So the training loop zeroes gradients in place (set_to_none=False).
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    return graphed
+    finally:
+        for g, before in zip(groups, saved):
+            g.update(before)  # lr a float again, as the schedule and the checkpoints expect
+    with torch.no_grad():  # undo the warm-up steps, in place (the graph holds these addresses)
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+        for opt, before in zip(optimizers, state):
+            for p, s in opt.state.items():
+                for k, v in s.items():
+                    if torch.is_tensor(v):  # state made by the warm-up starts at zero
+                        v.copy_(before[p][k]) if k in before.get(p, {}) else v.zero_()
+
+    def replay(batches):
+        for mine, new in zip(static, batches):
+            for a, b in zip(mine, new):
+                a.copy_(b)
+        for g, t in zip(groups, lr_tensors):
+            t.fill_(g["lr"])
+        graph.replay()
+        return tuple(t.clone() for t in out)  # the graph's outputs are overwritten by the next replay
+
+    return replay
 
 
 # Dense bf16 tensor-core peak, FLOP/s, by GPU name (datasheet figures, without sparsity).

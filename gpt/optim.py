@@ -151,8 +151,8 @@ class Muon(torch.optim.Muon):
 
     Like fused AdamW it skips a step on the device: set `found_inf` (a 0-d float tensor, 1 = the
     gradients are not finite) before step() and a bad step leaves weights and momentum exactly as
-    they were, without the host reading the verdict (train.py's step_if_finite). Tested on a CPU;
-    its GPU test (tests/test_reliability.py, no host sync allowed) has not run on a GPU yet."""
+    they were, without the host reading the verdict (train.py's step_if_finite). The learning rate
+    may be a 0-d tensor on the device, as in a captured CUDA graph (model.graph_step)."""
 
     found_inf = None
 
@@ -190,10 +190,9 @@ class Muon(torch.optim.Muon):
                 ps = [p for p, _ in pairs]
                 O = zeropower_via_newtonschulz(torch.stack([u for _, u in pairs]),  # (G, m, n)
                                                group["ns_coefficients"], group["ns_steps"], group["eps"])
-                step = -lr * muon_lr_scale(shape, group["adjust_lr_fn"])
-                if keep is not None:
-                    O = O * keep
-                torch._foreach_add_(ps, list(O.to(ps[0].dtype).unbind(0)), alpha=step)
+                step = -lr * muon_lr_scale(shape, group["adjust_lr_fn"])  # lr: a float, or a tensor in a CUDA graph
+                O = O.to(ps[0].dtype) * (step if keep is None else step * keep)
+                torch._foreach_add_(ps, list(O.unbind(0)))
         return loss
 
 

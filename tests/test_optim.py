@@ -101,6 +101,26 @@ def test_muon_skips_a_step_on_the_device():
     assert all(torch.equal(flagged.state[q]["momentum_buffer"], m) for q, m in zip(b, momenta))
 
 
+def test_muon_takes_a_tensor_learning_rate():
+    """A captured CUDA graph (model.graph_step) hands Muon its lr as a 0-d tensor: the same step."""
+    shapes = [(16, 32), (16, 32), (48, 16)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    start = [p.detach().clone() for p in a]
+    plain, tensor_lr = Muon(a, lr=0.05, weight_decay=0.1), Muon(b, lr=0.05, weight_decay=0.1)
+    tensor_lr.param_groups[0]["lr"] = torch.tensor(0.05)
+    for found_inf in (None, torch.tensor(0.0)):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        tensor_lr.found_inf = found_inf
+        tensor_lr.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(q, p)
+    assert not any(torch.allclose(p, p0) for p, p0 in zip(a, start))  # both steps moved the weights
+
+
 def test_tiny_model_learns_with_muon():
     model = GPT(tiny_config())
     tc = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.03, warmup_iters=0, max_iters=40)

@@ -18,9 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_train(*argv):
+def run_train(*argv, env=ENV):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +92,18 @@ def test_plot_compares_runs_from_the_command_line(run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# CUDA graphs (train.py --cuda_graph, model.graph_model)
+# CUDA graphs (train.py --cuda_graph, model.graph_step)
 
 def test_cuda_graph_refuses_compile_and_routing_layers():
     from gpt import config as cfg
-    from gpt.model import GPT, graph_model
+    from gpt.model import GPT, graph_step
     with pytest.raises(ValueError, match="compile=false"):
         cfg.TrainConfig(cuda_graph=True, compile=True)
     model = GPT(cfg.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, ffn="moe", n_expert=4,
                               n_expert_active=2, n_shared_expert=1))
     x = torch.zeros(2, 16, dtype=torch.long)
     with pytest.raises(ValueError, match="MoE"):  # refused before anything touches a GPU
-        graph_model(model, x, x, torch.autocast("cpu", dtype=torch.bfloat16))
+        graph_step(model, torch.optim.AdamW(model.parameters()), lambda batches: (), [(x, x)])
 
 
 @pytest.mark.gpu
@@ -126,3 +126,20 @@ def test_gpu_cuda_graph_run_equals_the_eager_run(data_root, tmp_path, optimizer,
     eager, graphed = torch.tensor(losses[False]), torch.tensor(losses[True])
     assert len(eager) == 8 and eager[-1] < eager[0] - 0.5  # it learnt
     torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_skips_non_finite_steps(data_root, tmp_path):
+    """Inside the captured step a NaN loss (injected at steps 3 and 4) is skipped on the device, by
+    both Muon and fused AdamW, and counted; the run goes on learning and its checkpoint is finite."""
+    proc = run_train("--preset", "shakespeare-char-speedrun", "--data_dir", data_root, "--dataset", "tiny_char",
+                     "--out_dir", tmp_path, "--n_layer", "2", "--n_embd", "96", "--n_head", "2", "--block_size", "64",
+                     "--batch_size", "16", "--max_iters", "30", "--eval_interval", "30", "--log_interval", "1",
+                     "--cuda_graph", "true", env={**ENV, train.NAN_STEPS: "3,4"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [r for r in read_log(tmp_path / "log.jsonl") if r["kind"] == "train"]
+    assert [r["bad_steps"] for r in records[:6]] == [0, 0, 0, 1, 2, 2] and records[-1]["bad_steps"] == 2
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    ckpt = checkpoint.load(str(tmp_path / "ckpt.pt"))
+    assert all(t.isfinite().all() for t in ckpt["model"].values())
