@@ -267,9 +267,9 @@ def compile_model(model, mode="default", blocks=False):
 
 def graph_step(model, optimizer, step, batches, warmup=3):
     """CUDA graphs for training without compiling: the whole training step, `step(batches)` (forward,
-    backward, gradient clipping, optimizer step: ~1500 kernels for the baby GPT), captured once as
-    one CUDA graph, so a small model no longer pays the CPU time of launching its kernels one by one
-    (eager, the baby GPT's step takes ~29 ms on an H100, nearly all of it launch overhead).
+    backward, gradient clipping, optimizer step), captured once as one CUDA graph, so a small model
+    no longer pays the CPU time of launching its kernels one by one (eager, the baby GPT's step takes
+    ~29 ms on an H100, nearly all of it launch overhead).
 
     batches: the micro-batches of one step, a list of (x, y) (values do not matter: the graph keeps
     copies that each call refills). Returns `replay(batches)`, which runs the step on new batches
