@@ -449,8 +449,8 @@ GPU_DIMS = [dict(), dict(qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=64
 
 
 def gpu_config(**kw):
-    return GPTConfig(vocab_size=256, block_size=256, n_layer=2, n_head=8, n_embd=512, attn="mla",
-                     pos="rope", **kw)
+    return GPTConfig(**{**dict(vocab_size=256, block_size=256, n_layer=2, n_head=8, n_embd=512, attn="mla",
+                               pos="rope"), **kw})
 
 
 @pytest.mark.gpu
