@@ -366,10 +366,10 @@ PRESETS = {
     # launch, cold compile cache): Muon for the hidden matrices, RoPE, QK-norm, ReLU^2, a 600-step
     # warmup-stable-decay schedule, the whole validation split (6 batches) at each evaluation,
     # ckpt.pt and loss.png only at the end (~0.5 s each time), and no compile (a cold compile of the
-    # whole model takes longer than the run) but the forward and backward replayed as CUDA graphs
-    # (on an H100: 1.4702 at step 600, 25.2 s after launch; bench/RESULTS.md). A longer schedule
-    # with more regularisation reaches a lower loss: --max_iters 2500 --dropout 0.3
-    # --muon_weight_decay 0.1 (best 1.4102).
+    # whole model takes longer than the run) but the whole training step replayed as one CUDA graph
+    # (on an H100: 1.4605 and 1.4553 at step 600, 19.8 s and 18.2 s after launch; bench/RESULTS.md).
+    # A longer schedule with more regularisation reaches a lower loss: --max_iters 2500 --dropout
+    # 0.3 --muon_weight_decay 0.1 (best 1.4099-1.4127, three seeds).
     "shakespeare-char-speedrun": dict(
         dataset="shakespeare_char", out_dir="out/shakespeare-char-speedrun",
         n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
