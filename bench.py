@@ -306,14 +306,20 @@ def bench_decode(mc, device, n_new):
 
 
 @torch.no_grad()
-def bench_decode_at(mc, device, n_new, context, batch):
+def bench_decode_at(mc, device, n_new, context, batch, compile=False):
     """Cached greedy decoding of `batch` sequences at `context` tokens: a random prompt fills the
-    cache (prefill, timed apart), one untimed step, then n_new timed steps ending at `context`.
-    tok/s counts the tokens of all sequences. No uncached run (a whole window per token)."""
+    cache (prefill, timed apart), untimed warm-up steps, then n_new timed steps ending one token
+    short of `context` (a full cache is a contiguous tensor: the compiled step would recompile).
+    tok/s counts the tokens of all sequences. No uncached run (a whole window per token).
+    compile: the decode step through torch.compile (dynamic shapes, as the cache grows by a token
+    each step), compiled during the warm-up; eager, a decode step of a small model is bound by
+    the host launching its kernels one by one, not by reading the cache."""
     device_type = torch.device(device).type
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     model = GPT(dataclasses.replace(mc, block_size=context)).to(device=device, dtype=dtype).eval()
-    prompt = torch.randint(0, mc.vocab_size, (batch, context - n_new - 1), device=device)
+    step_fn = torch.compile(model) if compile else model
+    warmup = 3 if compile else 1
+    prompt = torch.randint(0, mc.vocab_size, (batch, context - n_new - warmup - 1), device=device)
     cache = model.new_cache(batch, context)
     t0 = time.perf_counter()
     logits, _ = model(prompt, cache=cache)
@@ -321,15 +327,16 @@ def bench_decode_at(mc, device, n_new, context, batch):
     prefill_s = time.perf_counter() - t0
     next_id = logits.argmax(-1)  # (B, 1)
     with attention.decoding_kernels():  # as generate() decodes
-        for step in range(n_new + 1):
-            if step == 1:  # the first step warms up
+        for step in range(n_new + warmup):
+            if step == warmup:
                 sync(device_type)
                 t0 = time.perf_counter()
-            logits, _ = model(next_id, cache=cache)
+            logits, _ = step_fn(next_id, cache=cache)
             next_id = logits.argmax(-1)
     sync(device_type)
     return {"decode_tok_s_cached": batch * n_new / (time.perf_counter() - t0), "prefill_s": prefill_s,
-            "decode_context": context, "decode_batch": batch, "cache_bytes_per_seq": cache.nbytes() / batch}
+            "decode_context": context, "decode_batch": batch, "cache_bytes_per_seq": cache.nbytes() / batch,
+            "decode_compiled": compile}
 
 
 def run_row(name, row, args, device, peak):
@@ -339,10 +346,11 @@ def run_row(name, row, args, device, peak):
     try:
         attention.WINDOW_KERNEL = knobs["window_kernel"] or default_window_kernel
         mc, tc = cfg.build(None, overrides)
-        result.update(bench_train(mc, tc, knobs, device, args.steps, args.warmup, peak, args.profile))
+        if not args.decode_only:
+            result.update(bench_train(mc, tc, knobs, device, args.steps, args.warmup, peak, args.profile))
         if knobs["decode"] and not args.no_decode and knobs["decode_at"]:
             context, batch = (4 * mc.block_size, 2) if args.quick else knobs["decode_at"]
-            result.update(bench_decode_at(mc, device, args.decode_tokens, context, batch))
+            result.update(bench_decode_at(mc, device, args.decode_tokens, context, batch, args.decode_compile))
         elif knobs["decode"] and not args.no_decode:
             result.update(bench_decode(mc, device, args.decode_tokens))
     except Exception as e:  # one row's failure (OOM, a missing kernel) must not end the table
@@ -371,8 +379,8 @@ def table(results):
             lines.append(f"| {r['row']} | {r['error']} |" + " |" * 7)
             continue
         lines.append(" | ".join([
-            f"| {r['row']}", fmt(r["ms_per_step"], ".2f"), fmt(r["tok_per_s"], ",.0f"),
-            fmt(r["mfu"], ".1%"), fmt(r["peak_mem_GB"], ".2f"), fmt(r["first_step_s"], ".1f"),
+            f"| {r['row']}", fmt(r.get("ms_per_step"), ".2f"), fmt(r.get("tok_per_s"), ",.0f"),
+            fmt(r.get("mfu"), ".1%"), fmt(r.get("peak_mem_GB"), ".2f"), fmt(r.get("first_step_s"), ".1f"),
             fmt(r.get("decode_tok_s_cached"), ",.0f"), fmt(r.get("decode_tok_s_uncached"), ",.0f"),
             fmt(r.get("cache_bytes_per_seq"), ",.1f", 1 / 1024)]) + " |")
     return "\n".join(lines)
@@ -428,6 +436,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="untimed steps first, the compiling one included (default 5)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens to generate in the decode timing")
     p.add_argument("--no-decode", action="store_true", help="skip the decode timings")
+    p.add_argument("--decode-only", action="store_true", help="skip the training timings")
+    p.add_argument("--decode-compile", action="store_true",
+                   help="decode at a row's decode_at context through torch.compile (default: eager)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N more steps per row and print the operators that took longest")
     p.add_argument("--budget-s", type=float, help="start no new row after this many seconds")
@@ -474,8 +485,10 @@ def main(argv=None):
         t0 = time.time()
         results.append(run_row(name, ROWS[name], args, device, peak))
         r = results[-1]
-        status = r.get("error") or f"{r['ms_per_step']:.2f} ms/step, {r['tok_per_s']:,.0f} tok/s" + \
-            (f", MFU {r['mfu']:.1%}" if r.get("mfu") else "")
+        status = r.get("error") or ", ".join(
+            ([f"{r['ms_per_step']:.2f} ms/step, {r['tok_per_s']:,.0f} tok/s"] if "ms_per_step" in r else [])
+            + ([f"MFU {r['mfu']:.1%}"] if r.get("mfu") else [])
+            + ([f"decode {r['decode_tok_s_cached']:,.0f} tok/s"] if "decode_tok_s_cached" in r else []))
         print(f"  {name}: {status}  ({time.time() - t0:.0f}s)", flush=True)
         if r.get("profile"):
             print(r["profile"], flush=True)

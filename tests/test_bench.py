@@ -52,6 +52,18 @@ def test_profile_lists_the_step_s_operators(capsys):
     assert table in capsys.readouterr().out
 
 
+def test_decode_only_compiled_at_a_context(capsys):
+    """--decode-only skips the training timing; --decode-compile decodes at the row's decode_at
+    context (quick: 4 x the block, 2 sequences) through torch.compile."""
+    results = bench.main(["--quick", "--rows", "gpt2-mla", "--decode-only", "--decode-compile",
+                          "--decode-tokens", "4"])
+    r = results[0]
+    assert "error" not in r, r
+    assert "ms_per_step" not in r and r["decode_compiled"] and r["decode_tok_s_cached"] > 0
+    assert (r["decode_context"], r["decode_batch"]) == (4 * 32, 2)
+    assert "| gpt2-mla |  |" in capsys.readouterr().out
+
+
 def test_unknown_row_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--rows", "nope"])
