@@ -70,6 +70,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: faster steps after a compile of some seconds")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1 or a.num_samples < 1:
         p.error("--max-new-tokens and --num-samples must be at least 1")
@@ -93,7 +95,7 @@ def main(argv=None):
         x = torch.tensor([ids], dtype=torch.long, device=a.device)
         on_token, flush = stream_printer(tokenizer)
         generate(model, x, a.max_new_tokens, a.temperature, a.top_k, a.top_p, use_cache=not a.no_cache,
-                 generator=generator, vocab_size=tokenizer.vocab_size, on_token=on_token)
+                 generator=generator, vocab_size=tokenizer.vocab_size, on_token=on_token, compile=a.compile)
         flush()
         print()
 

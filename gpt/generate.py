@@ -8,6 +8,11 @@ With `use_cache` the prompt is run once (prefill) and then each new token is a f
 against the layers' caches. Once the sequence fills the context, the window slides: the model sees
 the last block_size tokens from position 0 again, exactly as the uncached loop does, so both give the
 same tokens at temperature 0.
+
+A decode step of a small model does little arithmetic, and eagerly its time goes to launching its
+many small kernels one by one; `compile=True` runs the decode steps through torch.compile (shapes
+dynamic as the cache grows; it compiles during the first steps, and once more when a cache fills),
+which fuses them (bench.py --decode-compile).
 """
 
 import torch
@@ -35,14 +40,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             use_cache=True, generator=None, on_token=None, vocab_size=None):
+             use_cache=True, generator=None, on_token=None, vocab_size=None, compile=False):
     """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
     vocab_size: the tokenizer's; ids at or above it (padding of the model's vocabulary) are never
     sampled.
     on_token(next_ids) is called with each new (B, 1) tensor as soon as it is sampled (streaming).
+    compile: the cached decode steps through torch.compile (see above).
     """
     block_size = model.config.block_size
+    step = torch.compile(model) if compile and use_cache else model
     cache = None
     with decoding_kernels():  # a new attention shape every token (attention.py)
         for _ in range(max_new_tokens):
@@ -54,7 +61,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 cache = model.new_cache(idx.size(0), block_size)
                 logits, _ = model(window, cache=cache)
             else:
-                logits, _ = model(idx[:, -1:], cache=cache)
+                logits, _ = step(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :vocab_size]  # (B, V)
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)

@@ -28,6 +28,15 @@ def test_cached_equals_uncached_greedy_past_block_size(kw, prompt_len):
     assert torch.equal(cached[:, -1], model(x)[0][:, -1].argmax(-1))
 
 
+def test_compiled_decoding_gives_the_eager_tokens():
+    """generate(compile=True): the decode steps through torch.compile, past block_size (the cache
+    fills and the window slides, so the step sees several cache lengths), the same greedy tokens."""
+    model = make(pos="rope")
+    prompt = torch.randint(0, 64, (2, 5))
+    eager = generate(model, prompt, 30, temperature=0)
+    assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), eager)
+
+
 def test_streaming_calls_back_each_token():
     model = make()
     seen = []
