@@ -268,8 +268,8 @@ def compile_model(model, mode="default", blocks=False):
 def graph_step(model, optimizer, step, batches, warmup=3):
     """CUDA graphs for training without compiling: the whole training step, `step(batches)` (forward,
     backward, gradient clipping, optimizer step), captured once as one CUDA graph, so a small model
-    no longer pays the CPU time of launching its kernels one by one (eager, the baby GPT's step takes
-    ~29 ms on an H100, nearly all of it launch overhead).
+    no longer pays the CPU time of launching its kernels one by one, nor waits for the host (the
+    baby GPT on an H100: 17.97 ms a step graphed, 19.11 ms eager; bench/RESULTS.md).
 
     batches: the micro-batches of one step, a list of (x, y) (values do not matter: the graph keeps
     copies that each call refills). Returns `replay(batches)`, which runs the step on new batches
