@@ -53,7 +53,7 @@ GPT2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304
 BABY = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=128, dropout=0.2,
             batch_size=64, grad_accum=1, compile=True)
 # The shakespeare-char-speedrun preset's model and optimizer (gpt/config.py): eager, with the
-# forward and backward replayed as CUDA graphs.
+# whole training step replayed as one CUDA graph.
 SPEEDRUN = {**BABY, **{k: v for k, v in cfg.PRESETS["shakespeare-char-speedrun"].items()
                        if k in ("pos", "qk_norm", "activation", "norm", "optimizer", "muon_lr",
                                 "dropout", "batch_size", "compile", "compile_blocks", "cuda_graph")}}
