@@ -218,7 +218,10 @@ def profile_steps(train_step, n, device_type, top=25):
 def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
     device_type = torch.device(device).type
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    graphed = tc.cuda_graph and device_type == "cuda"  # train.py's --cuda_graph: one graph per step
+    # a captured step cannot use autocast's weight-cast cache
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=not graphed) if bf16
+                else contextlib.nullcontext())
     model = GPT(mc).to(device)
     # AdamW is fused when make_optimizer is told the device is CUDA; "cpu" gives the foreach kernels
     opt = make_optimizer(model, tc, device_type if knobs["adamw"] == "fused" else "cpu")
@@ -226,9 +229,6 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
     batches = [(torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size), generator=g).to(device),
                 torch.randint(0, mc.vocab_size, (tc.batch_size, mc.block_size), generator=g).to(device))
                for _ in range(4)]  # rotated, so no step reads the same batch as the one before
-    graphed = tc.cuda_graph and device_type == "cuda"
-    if graphed and bf16:  # a captured step cannot use autocast's weight-cast cache
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     run = model
     if tc.compile and device_type == "cuda":
         run = compile_model(model, tc.compile_mode, tc.compile_blocks)
@@ -247,7 +247,7 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
         opt.step()
         return (loss.detach(),)
 
-    if graphed:  # train.py's --cuda_graph: the whole step as one CUDA graph
+    if graphed:
         step = graph_step(model, opt, step, [batches[0]] * tc.grad_accum)
     counter = iter(range(10 ** 9))
 

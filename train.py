@@ -179,8 +179,11 @@ def main(argv=None):
     dtype = tc.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
+    # the whole step as one CUDA graph (model.graph_step; config refuses cuda_graph with compile)
+    graphed = tc.cuda_graph and device_type == "cuda"
+    # a captured step cannot use autocast's weight-cast cache (its casts would not be replayed)
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=not graphed)
+                if dtype == "bfloat16" else contextlib.nullcontext())
     n_val_batches = max(1, min(tc.eval_iters, val_loader.n_chunks // tc.batch_size))
 
     # --- model and optimizer --------------------------------------------------------------------
@@ -215,13 +218,9 @@ def main(argv=None):
         # under FSDP2 Dynamo skips GPT.forward (FSDP's hooks break its block loop) and compiles each
         # Block.forward and the loss apart: regional compilation, with the loss compiled as well
         model = compile_model(model, tc.compile_mode, tc.compile_blocks)
-    graphed = tc.cuda_graph and device_type == "cuda"  # (config refuses cuda_graph with compile)
     if graphed and d.enabled and tc.parallel != "diloco":
         sys.exit("error: cuda_graph runs on one GPU (or under DiLoCo); DDP and FSDP2 hook into "
                  "backward: pass --cuda_graph false, or compile instead")
-    if graphed:  # captured below, once train_step is defined; autocast's weight-cast cache must be off
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16",
-                                  cache_enabled=False)
 
     # --- the run's folder -----------------------------------------------------------------------
     os.makedirs(tc.out_dir, exist_ok=True)
