@@ -37,6 +37,18 @@ def test_compiled_decoding_gives_the_eager_tokens():
     assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), eager)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kw", [dict(pos="rope"), dict(pos="rope", attn="mla", kv_lora_rank=16, qk_rope_head_dim=4)])
+def test_gpu_compiled_decoding_gives_the_eager_tokens(kw):
+    """The same on CUDA (fp32, so greedy ties cannot flip), with MHA and with MLA's absorbed step."""
+    torch._dynamo.reset()
+    model = make(**kw).cuda()
+    prompt = torch.randint(0, 64, (2, 5), device="cuda")
+    eager = generate(model, prompt, 30, temperature=0)
+    assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), eager)
+
+
 def test_streaming_calls_back_each_token():
     model = make()
     seen = []
