@@ -29,12 +29,18 @@ Two ways to run it, picked automatically in `forward`:
     so each head's query is mapped into latent space once, scores are taken directly against the
     cached latents, and W_uv,h (then W_o) is applied to the weighted sum of latents. No per-head
     key or value is ever formed or cached. All heads read the same latents: this is multi-query
-    attention with one wide KV head, and it runs as one fused SDPA call (FlashMLA's formulation,
-    DeepSeek's decoding kernel, https://github.com/deepseek-ai/FlashMLA):
+    attention with one wide KV head (FlashMLA's formulation, DeepSeek's decoding kernel,
+    https://github.com/deepseek-ai/FlashMLA), and it runs as two batched matrix products:
         query rows  q'_h = [q_h W_uk,h^T ; q_h^R]     (r + dr,)   the nh heads folded into the rows
         key         k'   = [c_kv ; k^R]                (r + dr,)   one head: the cached row itself
         value       v'   = c_kv                        (r,)        one head: the row's first r numbers
         o_h = softmax_j(q'_h·k'(j) / sqrt(dn + dr)) v'    (r,),    then y = concat_h(o_h W_uv,h) W_o
+    Why not SDPA: its flash kernels take q, k, v of one head size <= 256 (here 288, 288, 256), and
+    its memory-efficient kernel, which does take them, runs one thread block per sequence for
+    nh query rows: 429 us per layer at batch 32 x 8192 on an H100 against 164 us for the two
+    matrix products. Whole-model decoding there is bound by the host launching kernels unless it is
+    compiled (generate(compile=True), sampling.py --compile): compiled, this step decodes 6,669
+    tok/s against 5,452 with one SDPA call and 5,422 for MHA with its full cache (bench/RESULTS.md).
     The up-projections are applied as per-head products rather than pre-multiplied into W_uq and
     W_o: at these sizes the merged matrices would be larger.
 The cache (`LatentCache`) holds one row [c_kv ; k^R] per token, c_kv already normalised and k^R
@@ -175,31 +181,30 @@ class MultiHeadLatentAttention(nn.Module):
         return _attend_padded(q, k, v, q_pos, k_pos, dropout, self.window)  # scale 1/sqrt(dqk)
 
     def absorbed(self, q, q_rope, kv, q_pos, k_pos, dropout=0.0):
-        """Attention directly against the rows [c_kv ; k^R], as multi-query attention in one SDPA
-        call; arguments as in expanded(), but q_pos and k_pos always given. Returns (B, nh, T, dv).
+        """Attention directly against the rows [c_kv ; k^R], as multi-query attention with the heads
+        folded into the query rows; arguments as in expanded(), but q_pos and k_pos always given.
+        Returns (B, nh, T, dv).
 
-            q'_h = [q_h W_uk,h^T ; q_h^R]                     (r + dr,)   heads folded into query rows
+            q'_h = [q_h W_uk,h^T ; q_h^R]                     (r + dr,)
             o_h  = softmax_j(q'_h·[c_kv ; k^R](j) / sqrt(dn + dr)) c_kv    (r,), then o_h W_uv,h
 
         One new token against a global layer's cache (positions 0 .. S-1, the new token last: KVCache)
         sees every key, so the step that decoding repeats runs without a mask; windows, ring buffers
-        and MoD's per-row positions pass one built from the positions."""
+        and MoD's per-row positions apply one built from the positions."""
         B, nh, T, _ = q.shape
         r = self.kv_lora_rank
         w_uk, w_uv = self.up_weights()  # (nh, dn, r), (nh, dv, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q, w_uk)  # (B, nh, T, r): W_uk absorbed into the query
-        q = torch.cat([q_lat, q_rope], dim=-1).view(B, 1, nh * T, -1)  # (B, 1, nh*T, r + dr): one head
-        # The values are the latents: on a GPU a view of the rows' first r numbers (the memory-efficient
-        # kernel takes a value head smaller than the key's); on a CPU the whole row, its dr extra
-        # outputs cut, because the CPU's fused kernel wants one head size for q, k and v.
-        v = kv[..., :r] if kv.is_cuda else kv  # (B, 1, S, r) or (B, 1, S, r + dr)
-        mask = None
+        q = torch.cat([q_lat * self.scale, q_rope * self.scale], dim=-1)  # (B, nh, T, r + dr)
+        rows = kv.squeeze(1)  # (B, S, r + dr): the cache itself, read in place
+        scores = q.view(B, nh * T, -1) @ rows.transpose(1, 2)  # (B, nh*T, S)
         if not sees_every_key(q_pos, k_pos, self.window):
             mask = visible(q_pos, k_pos, self.window).tile(nh, 1)  # (nh*T, S), or (B, nh*T, S) routed
-            mask = mask if mask.dim() == 2 else mask.unsqueeze(1)  # (B, 1, nh*T, S)
-        o_lat = F.scaled_dot_product_attention(q, kv, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
-        o_lat = o_lat[..., :r].reshape(B, nh, T, r)  # (B, nh, T, r): each head's weighted sum of latents
-        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, nh, T, dv): W_uv absorbed into the output
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).type_as(rows)  # (B, nh*T, S)
+        p = F.dropout(p, dropout) if dropout > 0 else p
+        o_lat = p @ rows[..., :r]  # (B, nh*T, r): each head's weighted sum of latents (a view: no copy)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat.view(B, nh, T, r), w_uv)  # (B, nh, T, dv): W_uv absorbed
 
     # --------------------------------------------------------------------------------------------
     def new_cache(self, batch_size, max_len, device, dtype):
