@@ -103,6 +103,10 @@ ROWS = {
     # active parameters per token as the dense MLP, 4.3x the parameters, grouped GEMM dispatch;
     # PEER: one 1024^2 = 1M-expert layer (the last MLP; 1.6 B parameters), 8 heads x top 16.
     "gpt2-moe": {**GPT2, "ffn": "moe", "slow": True, "quick": {"n_expert": 8}},
+    # the configuration that beat dense at equal tokens on the CPU (RESULTS.md, fourth session):
+    # 16 experts as wide as the model, top 2 + 2 shared (the same active parameters; 2.6x the total)
+    "gpt2-moe-16": {**GPT2, "ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
+                    "slow": True, "quick": {"n_expert": 4, "moe_hidden": 64}},
     "gpt2-peer": {**GPT2, "ffn": "peer", "moe_every": 12, "slow": True, "quick": {"peer_keys": 32}},
     # issue 7, mixture-of-depths against "gpt2" (python bench.py --rows gpt2,gpt2-mod): every other
     # block routed at capacity 0.125 (gpt/mod.py; 67.6% of dense FLOPs per token). Issue target:

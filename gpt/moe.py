@@ -100,8 +100,10 @@ class Router(nn.Module):
     @torch.no_grad()
     def after_step(self):
         """b_i += γ sign(mean load - load_i): raise the bias of underloaded experts, lower it for
-        overloaded ones (DeepSeek-V3 §2.1.2). With data parallelism the load would be all-reduced."""
-        if self.bias_update_rate > 0 and self.load.sum() > 0:
+        overloaded ones (DeepSeek-V3 §2.1.2). With data parallelism the load would be all-reduced.
+        No test of the load on the host (a sync each step): with no load since the last step every
+        sign is 0, and the bias stays."""
+        if self.bias_update_rate > 0:
             self.expert_bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
 
