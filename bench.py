@@ -107,11 +107,17 @@ ROWS = {
     # 16 experts as wide as the model, top 2 + 2 shared (the same active parameters; 2.6x the total)
     "gpt2-moe-16": {**GPT2, "ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
                     "slow": True, "quick": {"n_expert": 4, "moe_hidden": 64}},
+    # the whole training step replayed as one CUDA graph on top of compile (train.py --cuda_graph true)
+    "gpt2-graph": {**GPT2, "cuda_graph": True, "slow": True},
+    "gpt2-moe-graph": {**GPT2, "ffn": "moe", "cuda_graph": True, "slow": True, "quick": {"n_expert": 8}},
+    "gpt2-moe-16-graph": {**GPT2, "ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
+                          "cuda_graph": True, "slow": True, "quick": {"n_expert": 4, "moe_hidden": 64}},
     "gpt2-peer": {**GPT2, "ffn": "peer", "moe_every": 12, "slow": True, "quick": {"peer_keys": 32}},
     # issue 7, mixture-of-depths against "gpt2" (python bench.py --rows gpt2,gpt2-mod): every other
     # block routed at capacity 0.125 (gpt/mod.py; 67.6% of dense FLOPs per token). Issue target:
     # tok/s >= 1.3x dense. Decode: batch 1, the causal predictor routes, routed layers cache their tokens.
     "gpt2-mod": {**GPT2, "mod_every": 2, "mod_capacity": 0.125, "decode": True, "slow": True},
+    "gpt2-mod-graph": {**GPT2, "mod_every": 2, "mod_capacity": 0.125, "cuda_graph": True, "slow": True},
     # slow: only when named in --rows
     # the sliding-window kernels of gpt/attention.py (WINDOW_KERNEL) against each other
     "gpt2-8k-local-flash-split": {**GPT2_8K, **LOCAL, "window_kernel": "flash_split", "slow": True},

@@ -179,7 +179,7 @@ def main(argv=None):
     dtype = tc.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    # the whole step as one CUDA graph (model.graph_step; config refuses cuda_graph with compile)
+    # the whole step as one CUDA graph (model.graph_step), compiled or not
     graphed = tc.cuda_graph and device_type == "cuda"
     # a captured step cannot use autocast's weight-cast cache (its casts would not be replayed)
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=not graphed)

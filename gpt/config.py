@@ -303,8 +303,8 @@ class TrainConfig:
                                  # gradient norm (each is skipped: no update)
     compile_mode: str = "default"  # "default" | "max-autotune-no-cudagraphs" | "max-autotune" | "reduce-overhead"
     compile_blocks: bool = False  # compile each block on its own: seconds instead of a minute (model.py)
-    cuda_graph: bool = False     # without compile: replay the whole training step (forward, backward,
-    #                              optimizer) as one CUDA graph (model.py graph_step; CUDA only, no routing layers)
+    cuda_graph: bool = False     # replay the whole training step (forward, backward, optimizer) as one
+    #                              CUDA graph, compiled or not (model.py graph_step; CUDA only)
     # --- several GPUs / nodes under torchrun (distributed.py) -------------------------------------
     parallel: str = "ddp"        # "ddp" | "fsdp" (sharded, FSDP2) | "diloco" (low-communication)
     diloco_inner_steps: int = 50  # DiLoCo: inner steps H between synchronisations
@@ -319,9 +319,10 @@ class TrainConfig:
         _check_choice(self, "parallel", ("ddp", "fsdp", "diloco"))
         if self.diloco_inner_steps <= 0 or self.diloco_outer_lr <= 0 or not 0 <= self.diloco_outer_momentum < 1:
             raise ValueError("need diloco_inner_steps > 0, diloco_outer_lr > 0, 0 <= diloco_outer_momentum < 1")
-        if self.cuda_graph and self.compile:
-            raise ValueError("cuda_graph replays an eager model's step: set compile=false with it, or "
-                             "cuda_graph=false to compile (compile_mode='reduce-overhead' compiles and graphs)")
+        if self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_mode={self.compile_mode!r} makes CUDA graphs of its own, which cannot be "
+                             "captured inside cuda_graph's: use compile_mode='default' or "
+                             "'max-autotune-no-cudagraphs' with cuda_graph=true, or cuda_graph=false")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ValueError("Muon needs whole matrices; with parallel=fsdp use optimizer=adamw (or parallel=ddp)")
         _check_choice(self, "device", ("auto", "cuda", "mps", "cpu"))

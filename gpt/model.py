@@ -266,30 +266,30 @@ def compile_model(model, mode="default", blocks=False):
 
 
 def graph_step(model, optimizer, step, batches, warmup=3):
-    """CUDA graphs for training without compiling: the whole training step, `step(batches)` (forward,
-    backward, gradient clipping, optimizer step), captured once as one CUDA graph, so a small model
-    no longer pays the CPU time of launching its kernels one by one, nor waits for the host (the
-    baby GPT on an H100: 17.97 ms a step graphed, 19.11 ms eager; bench/RESULTS.md).
+    """CUDA graphs for training, compiled or not: the whole training step, `step(batches)` (forward,
+    backward, gradient clipping, optimizer step), captured once as one CUDA graph, so the step no
+    longer pays the CPU time of launching its kernels one by one, nor waits for the host. It pays
+    where the host is the bottleneck: the eager baby GPT (17.97 ms a step graphed against 19.11 ms
+    on an H100) and models whose routing launches many small kernels (MoE); bench/RESULTS.md.
 
     batches: the micro-batches of one step, a list of (x, y) (values do not matter: the graph keeps
     copies that each call refills). Returns `replay(batches)`, which runs the step on new batches
     and returns copies of step's outputs (tensors). So every step takes exactly these shapes, and
-    `step` must launch the same kernels every time: no host syncs, no data-dependent shapes, no
-    routing (MoE, MoA, PEER and MoD are refused), and it must set its gradients to None first
+    `step` must launch the same kernels every time: no host syncs, no data-dependent shapes. The
+    routing layers keep to that in training: MoD takes a fixed top-k, MoE/MoA dispatch a fixed N·k
+    rows through the grouped GEMM (bf16 on CUDA; their fp32 reference loop reads counts on the host
+    and cannot be captured: that is reported), PEER a fixed top-k; their counters (MoE's load) are
+    buffers updated in place. `step` must set its gradients to None first
     (zero_grad(set_to_none=True)) so that backward writes them afresh inside the graph. The learning
     rate is read from optimizer.param_groups at each replay, so the schedule works as before (fused
     AdamW and our Muon take it as a tensor on the device). `warmup` eager steps on a side stream
-    (which CUDA graphs need before a capture) make the optimizer state; then the weights and the
+    (which CUDA graphs need before a capture) make the optimizer state; then the weights, buffers and
     state are put back as they were, so the run starts from where it stood."""
-    routed = [type(m).__name__ for m in model.modules() if isinstance(m, (MoE, MoA, PEER, MoD))]
-    if routed:
-        raise ValueError(f"cuda_graph cannot capture a model with {routed[0]} layers (data-dependent "
-                         "routing and auxiliary losses); pass --cuda_graph false (eager) or compile instead")
     device = next(model.parameters()).device
     static = [tuple(t.clone() for t in b) for b in batches]
     optimizers = getattr(optimizer, "optimizers", [optimizer])  # optim.Optimizers holds several
     groups = optimizer.param_groups
-    weights = [p.detach().clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in (*model.parameters(), *model.buffers())]
     state = [{p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
              for opt in optimizers]
     saved = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in groups]
@@ -315,7 +315,7 @@ def graph_step(model, optimizer, step, batches, warmup=3):
         for g, before in zip(groups, saved):
             g.update(before)  # lr a float again, as the schedule and the checkpoints expect
     with torch.no_grad():  # undo the warm-up steps, in place (the graph holds these addresses)
-        for p, w in zip(model.parameters(), weights):
+        for p, w in zip((*model.parameters(), *model.buffers()), weights):
             p.copy_(w)
         for opt, before in zip(optimizers, state):
             for p, s in opt.state.items():
