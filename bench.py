@@ -61,6 +61,14 @@ SPEEDRUN = {**BABY, **{k: v for k, v in cfg.PRESETS["shakespeare-char-speedrun"]
 # GPT-2 small at a context of 8192, batch 2; LOCAL: 5 local layers (window 1024) : 1 global.
 GPT2_8K = {**GPT2, "block_size": 8192, "batch_size": 2}
 LOCAL = {"layers": "LLLLLG", "window": 1024, "quick": {"window": 8}}
+# Routed layers at GPT-2-124M (issues 6, 7; the rows below say more), each with and without the
+# whole training step replayed as one CUDA graph: MoE with the default 64 experts (top 6 + 2
+# shared), MoE with 16 experts as wide as the model (top 2 + 2 shared), MoD.
+MOE = {"ffn": "moe", "quick": {"n_expert": 8}}
+MOE16 = {"ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
+         "quick": {"n_expert": 4, "moe_hidden": 64}}
+MOD = {"mod_every": 2, "mod_capacity": 0.125}
+GRAPH = {"cuda_graph": True, "slow": True}
 
 ROWS = {
     "gpt2": {**GPT2, "decode": True},                        # compiled, reference loss: nanoGPT's setup
@@ -102,22 +110,20 @@ ROWS = {
     # MoE in every layer, 64 routed experts (top 6) + 2 shared, each 384 wide (gpt/moe.py): the same
     # active parameters per token as the dense MLP, 4.3x the parameters, grouped GEMM dispatch;
     # PEER: one 1024^2 = 1M-expert layer (the last MLP; 1.6 B parameters), 8 heads x top 16.
-    "gpt2-moe": {**GPT2, "ffn": "moe", "slow": True, "quick": {"n_expert": 8}},
+    "gpt2-moe": {**GPT2, **MOE, "slow": True},
     # the configuration that beat dense at equal tokens on the CPU (RESULTS.md, fourth session):
     # 16 experts as wide as the model, top 2 + 2 shared (the same active parameters; 2.6x the total)
-    "gpt2-moe-16": {**GPT2, "ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
-                    "slow": True, "quick": {"n_expert": 4, "moe_hidden": 64}},
+    "gpt2-moe-16": {**GPT2, **MOE16, "slow": True},
     # the whole training step replayed as one CUDA graph on top of compile (train.py --cuda_graph true)
-    "gpt2-graph": {**GPT2, "cuda_graph": True, "slow": True},
-    "gpt2-moe-graph": {**GPT2, "ffn": "moe", "cuda_graph": True, "slow": True, "quick": {"n_expert": 8}},
-    "gpt2-moe-16-graph": {**GPT2, "ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
-                          "cuda_graph": True, "slow": True, "quick": {"n_expert": 4, "moe_hidden": 64}},
+    "gpt2-graph": {**GPT2, **GRAPH},
+    "gpt2-moe-graph": {**GPT2, **MOE, **GRAPH},
+    "gpt2-moe-16-graph": {**GPT2, **MOE16, **GRAPH},
     "gpt2-peer": {**GPT2, "ffn": "peer", "moe_every": 12, "slow": True, "quick": {"peer_keys": 32}},
     # issue 7, mixture-of-depths against "gpt2" (python bench.py --rows gpt2,gpt2-mod): every other
     # block routed at capacity 0.125 (gpt/mod.py; 67.6% of dense FLOPs per token). Issue target:
     # tok/s >= 1.3x dense. Decode: batch 1, the causal predictor routes, routed layers cache their tokens.
-    "gpt2-mod": {**GPT2, "mod_every": 2, "mod_capacity": 0.125, "decode": True, "slow": True},
-    "gpt2-mod-graph": {**GPT2, "mod_every": 2, "mod_capacity": 0.125, "cuda_graph": True, "slow": True},
+    "gpt2-mod": {**GPT2, **MOD, "decode": True, "slow": True},
+    "gpt2-mod-graph": {**GPT2, **MOD, **GRAPH},
     # slow: only when named in --rows
     # the sliding-window kernels of gpt/attention.py (WINDOW_KERNEL) against each other
     "gpt2-8k-local-flash-split": {**GPT2_8K, **LOCAL, "window_kernel": "flash_split", "slow": True},

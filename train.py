@@ -220,7 +220,7 @@ def main(argv=None):
         model = compile_model(model, tc.compile_mode, tc.compile_blocks)
     if graphed and d.enabled and tc.parallel != "diloco":
         sys.exit("error: cuda_graph runs on one GPU (or under DiLoCo); DDP and FSDP2 hook into "
-                 "backward: pass --cuda_graph false, or compile instead")
+                 "backward: pass --cuda_graph false")
 
     # --- the run's folder -----------------------------------------------------------------------
     os.makedirs(tc.out_dir, exist_ok=True)

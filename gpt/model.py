@@ -290,7 +290,7 @@ def graph_step(model, optimizer, step, batches, warmup=3):
     static = [tuple(t.clone() for t in b) for b in batches]
     optimizers = getattr(optimizer, "optimizers", [optimizer])  # optim.Optimizers holds several
     groups = optimizer.param_groups
-    weights = [p.detach().clone() for p in (*model.parameters(), *model.buffers())]
+    tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
     state = [{p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
              for opt in optimizers]
     saved = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in groups]
@@ -311,13 +311,13 @@ def graph_step(model, optimizer, step, batches, warmup=3):
             out = step(static)
     except RuntimeError as e:
         raise ValueError(f"cuda_graph could not capture this model's training step ({str(e).splitlines()[0]}); "
-                         "pass --cuda_graph false (eager) or compile instead") from e
+                         "pass --cuda_graph false") from e
     finally:
         for g, before in zip(groups, saved):
             g.update(before)  # lr a float again, as the schedule and the checkpoints expect
     with torch.no_grad():  # undo the warm-up steps, in place (the graph holds these addresses)
-        for p, w in zip((*model.parameters(), *model.buffers()), weights):
-            p.copy_(w)
+        for t, before in zip((*model.parameters(), *model.buffers()), tensors):
+            t.copy_(before)
         for opt, before in zip(optimizers, state):
             for p, s in opt.state.items():
                 for k, v in s.items():
