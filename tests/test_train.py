@@ -109,19 +109,27 @@ def test_gpu_cuda_graph_run_equals_the_eager_run(data_root, tmp_path, optimizer,
     """The same run (no dropout: the graph draws its own random numbers) eagerly and with the step
     replayed from CUDA graphs: the same losses, step by step, up to bf16 round-off; with two
     micro-steps the second replay must not overwrite the first one's gradients."""
-    losses = {}
+    assert_graph_equals_eager(tmp_path, "--preset", "shakespeare-char-speedrun", "--data_dir", data_root,
+                              "--dataset", "tiny_char", "--n_layer", "2", "--n_embd", "96", "--n_head", "2",
+                              "--block_size", "64", "--batch_size", "16", "--dropout", "0", "--max_iters", "40",
+                              "--eval_interval", "20", "--log_interval", "5", "--optimizer", optimizer,
+                              "--grad_accum", grad_accum)
+
+
+def assert_graph_equals_eager(tmp_path, *argv):
+    """Runs train.py with argv twice, with --cuda_graph false and true (out dirs under tmp_path):
+    the run learns (8 logged losses, the last 0.5 below the first) and the graphed run's losses
+    equal the eager run's up to bf16 round-off. Returns the two out dirs (eager, graphed)."""
+    losses, outs = {}, {}
     for graph in (False, True):
-        out = tmp_path / f"graph{graph}"
-        proc = run_train("--preset", "shakespeare-char-speedrun", "--data_dir", data_root, "--dataset", "tiny_char",
-                         "--out_dir", out, "--n_layer", "2", "--n_embd", "96", "--n_head", "2", "--block_size", "64",
-                         "--batch_size", "16", "--dropout", "0", "--max_iters", "40", "--eval_interval", "20",
-                         "--log_interval", "5", "--optimizer", optimizer, "--grad_accum", grad_accum,
-                         "--cuda_graph", str(graph).lower())
+        outs[graph] = tmp_path / f"graph{graph}"
+        proc = run_train(*argv, "--out_dir", outs[graph], "--cuda_graph", str(graph).lower())
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        losses[graph] = [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"]
+        losses[graph] = [r["loss"] for r in read_log(outs[graph] / "log.jsonl") if r["kind"] == "train"]
     eager, graphed = torch.tensor(losses[False]), torch.tensor(losses[True])
     assert len(eager) == 8 and eager[-1] < eager[0] - 0.5  # it learnt
     torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=0)
+    return outs[False], outs[True]
 
 
 @pytest.mark.gpu
@@ -133,21 +141,14 @@ def test_gpu_cuda_graph_run_equals_the_eager_run(data_root, tmp_path, optimizer,
 def test_gpu_cuda_graph_captures_routed_models(data_root, tmp_path, switches):
     """Routing layers have fixed shapes in training, so their step is captured too: the graphed
     run gives the losses of the same run without the graph, and the MoE balancing bias moves."""
-    losses = {}
-    for graph in (False, True):
-        out = tmp_path / f"graph{graph}"
-        proc = run_train("--preset", "cpu-tiny", "--device", "cuda", "--data_dir", data_root, "--dataset", "tiny_char",
-                         "--out_dir", out, "--n_layer", "2", "--block_size", "64", "--batch_size", "16",
-                         "--max_iters", "40", "--eval_interval", "20", "--log_interval", "5",
-                         "--cuda_graph", str(graph).lower(), *switches)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        losses[graph] = [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"]
-        if "moe" in switches:
+    outs = assert_graph_equals_eager(tmp_path, "--preset", "cpu-tiny", "--device", "cuda", "--data_dir", data_root,
+                                     "--dataset", "tiny_char", "--n_layer", "2", "--block_size", "64",
+                                     "--batch_size", "16", "--max_iters", "40", "--eval_interval", "20",
+                                     "--log_interval", "5", *switches)
+    if "moe" in switches:
+        for out in outs:
             bias = checkpoint.load(str(out / "ckpt.pt"))["model"]["blocks.0.ffn.router.expert_bias"]
             assert bias.abs().sum() > 0
-    eager, graphed = torch.tensor(losses[False]), torch.tensor(losses[True])
-    assert len(eager) == 8 and eager[-1] < eager[0] - 0.5  # it learnt
-    torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=0)
 
 
 @pytest.mark.gpu
