@@ -195,7 +195,7 @@ class MultiHeadLatentAttention(nn.Module):
         r = self.kv_lora_rank
         w_uk, w_uv = self.up_weights()  # (nh, dn, r), (nh, dv, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q, w_uk)  # (B, nh, T, r): W_uk absorbed into the query
-        q = torch.cat([q_lat * self.scale, q_rope * self.scale], dim=-1)  # (B, nh, T, r + dr)
+        q = torch.cat([q_lat, q_rope], dim=-1) * self.scale  # (B, nh, T, r + dr)
         rows = kv.squeeze(1)  # (B, S, r + dr): the cache itself, read in place
         scores = q.view(B, nh * T, -1) @ rows.transpose(1, 2)  # (B, nh*T, S)
         if not sees_every_key(q_pos, k_pos, self.window):
