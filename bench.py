@@ -273,6 +273,8 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
         model.after_step()
 
     with sdpa_context(knobs["sdpa"], device_type):
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         if graphed:  # warm-up and capture (compiling, when compiling) count in the first step
             step = graph_step(model, opt, step, [batches[0]] * tc.grad_accum)

@@ -270,8 +270,8 @@ def graph_step(model, optimizer, step, batches, warmup=3):
     backward, gradient clipping, optimizer step), captured once as one CUDA graph, so the step no
     longer pays the CPU time of launching its kernels one by one, nor waits for the host. It pays
     where the host is the bottleneck: the eager baby GPT, 17.97 ms a step graphed against 19.11 ms
-    on an H100; the compiled GPT-2-124M, 27.54 against 27.84 ms (bench/RESULTS.md). The capture of
-    routed models (below) is tested on a GPU by tests/test_train.py, not yet run there.
+    on an H100; the compiled 16-expert MoE, 39.6 against 54.5 ms; the compiled GPT-2-124M, which
+    hardly waits for the host, 27.14 against 27.53 ms (bench/RESULTS.md).
 
     batches: the micro-batches of one step, a list of (x, y) (values do not matter: the graph keeps
     copies that each call refills). Returns `replay(batches)`, which runs the step on new batches
