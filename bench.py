@@ -63,12 +63,11 @@ GPT2_8K = {**GPT2, "block_size": 8192, "batch_size": 2}
 LOCAL = {"layers": "LLLLLG", "window": 1024, "quick": {"window": 8}}
 # Routed layers at GPT-2-124M (issues 6, 7; the rows below say more), each with and without the
 # whole training step replayed as one CUDA graph: MoE with the default 64 experts (top 6 + 2
-# shared), MoE with 16 experts as wide as the model (top 2 + 2 shared), MoD.
+# shared), MoE with 16 or 8 experts as wide as the model (top 2 + 2 shared), MoD.
 MOE = {"ffn": "moe", "quick": {"n_expert": 8}}
 MOE16 = {"ffn": "moe", "n_expert": 16, "n_expert_active": 2, "moe_hidden": 768,
          "quick": {"n_expert": 4, "moe_hidden": 64}}
-MOE8 = {"ffn": "moe", "n_expert": 8, "n_expert_active": 2, "moe_hidden": 768,
-        "quick": {"n_expert": 4, "moe_hidden": 64}}
+MOE8 = {**MOE16, "n_expert": 8}
 MOD = {"mod_every": 2, "mod_capacity": 0.125}
 GRAPH = {"cuda_graph": True, "slow": True}
 
