@@ -272,10 +272,9 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
         model.after_step()
 
     with sdpa_context(knobs["sdpa"], device_type):
-        if device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         if graphed:  # warm-up and capture (compiling, when compiling) count in the first step
+            torch.cuda.reset_peak_memory_stats()  # the graph's memory is taken at its capture
             step = graph_step(model, opt, step, [batches[0]] * tc.grad_accum)
         train_step()  # compiles, when compiling
         sync(device_type)
@@ -283,7 +282,7 @@ def bench_train(mc, tc, knobs, device, steps, warmup, peak, profile=0):
         for _ in range(warmup - 1):
             train_step()
         sync(device_type)
-        if device_type == "cuda" and not graphed:  # a graph's memory was taken at its capture
+        if device_type == "cuda" and not graphed:  # peak of the steps, not of compiling
             torch.cuda.reset_peak_memory_stats()
         timer = Timer(device_type)
         timer.mark()
