@@ -117,6 +117,10 @@ ROWS = {
     "gpt2-moe-16": {**GPT2, **MOE16, "slow": True},
     # the whole training step replayed as one CUDA graph on top of compile (train.py --cuda_graph true)
     "gpt2-graph": {**GPT2, **GRAPH},
+    # the residual stream in bf16 instead of fp32 (residual_fp32=False): half the bytes of every
+    # residual add and norm, forward and backward
+    "gpt2-bf16-stream": {**GPT2, "residual_fp32": False, "slow": True},
+    "gpt2-bf16-stream-graph": {**GPT2, "residual_fp32": False, **GRAPH, "slow": True},
     "gpt2-moe-graph": {**GPT2, **MOE, **GRAPH},
     "gpt2-moe-16-graph": {**GPT2, **MOE16, **GRAPH},
     "gpt2-moe-8-graph": {**GPT2, **MOE8, **GRAPH},

@@ -26,6 +26,8 @@ class GPTConfig:
     tie_weights: bool = True     # the output head shares the token embedding matrix
     loss: str = "full"           # "full": logits (B, T, V) then cross-entropy | "fused": head and
     #                              cross-entropy chunk by chunk, logits never held whole (loss.py)
+    residual_fp32: bool = True   # under autocast the residual stream stays fp32 (nanoGPT); False: it
+    #                              runs in autocast's dtype, half the bytes per residual add and norm
     # --- layer pattern (model.py): one letter per layer, repeated over n_layer -------------------
     layers: str = "G"            # G global attention, L local (sliding-window) attention, M Mamba-2,
     #                              H linear attention (linear_attention.py)

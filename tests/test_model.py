@@ -1,5 +1,6 @@
-"""gpt/model.py: the model is causal, its KV cache gives the logits of the full forward, and its
-parameter and FLOP counts equal the closed forms written out here."""
+"""gpt/model.py: the model is causal, its KV cache gives the logits of the full forward, its
+residual stream keeps the dtype asked for, and its parameter and FLOP counts equal the closed forms
+written out here."""
 
 import pytest
 import torch
@@ -23,6 +24,48 @@ def all_logits(model, idx, cache=None):
 
 def make(**kw):
     return GPT(tiny_config(**kw)).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# The residual stream's dtype
+
+STREAM_VARIANTS = {  # every kind of layer: each must hand the stream on in the dtype it got
+    "attention": dict(),
+    "local-mamba-linear": dict(layers="LMH", n_layer=3, window=4, mamba_d_state=8, mamba_head_dim=16,
+                               mamba_chunk_size=8),
+    "mla": dict(pos="rope", attn="mla", kv_lora_rank=16, qk_rope_head_dim=8),
+    "moe": dict(n_layer=4, ffn="moe", n_expert=4, n_expert_active=2, moe_every=2),
+    "peer": dict(ffn="peer", peer_keys=16),
+    "mod": dict(mod_capacity=0.5, mod_every=2),
+}
+
+
+@pytest.mark.parametrize("variant", STREAM_VARIANTS)
+def test_residual_stream_dtype(variant):
+    """Under bf16 autocast the stream between blocks is fp32 by default and bf16 with
+    residual_fp32=False, through every kind of layer; the logits then agree to bf16 precision and
+    the gradients stay finite. Without autocast the flag changes nothing."""
+    torch.manual_seed(0)
+    kw = STREAM_VARIANTS[variant]
+    ref = GPT(tiny_config(**kw))
+    low = GPT(tiny_config(residual_fp32=False, **kw))
+    low.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, ref.config.vocab_size, (2, 16))
+    seen = {ref: [], low: []}  # the dtype each block hands on
+    for model in (ref, low):
+        for block in model.blocks:
+            block.register_forward_hook(lambda mod, args, out, m=model: seen[m].append(out.dtype))
+    assert torch.equal(all_logits(low, idx), all_logits(ref, idx))  # no autocast: the same model
+    seen = {ref: [], low: []}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_ref, _ = ref(idx, targets=idx)
+        logits, loss = low(idx, targets=idx)
+    assert seen[ref] == [torch.float32] * len(ref.blocks)
+    assert seen[low] == [torch.bfloat16] * len(low.blocks)
+    rel = ((logits.float() - logits_ref.float()).norm() / logits_ref.float().norm()).item()
+    assert rel < 2e-2, rel
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in low.parameters() if p.grad is not None)
 
 
 # ------------------------------------------------------------------------------------------------
