@@ -180,7 +180,7 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)  # (B, T, C)
         x = self.drop(x)
         if not self.config.residual_fp32 and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # a bf16 residual stream
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the stream in autocast's dtype (bf16)
         layer_caches = cache if cache is not None else shared_kv_slots(self.config)
         for block, layer_cache in zip(self.blocks, layer_caches):
             x = block(x, pos, layer_cache)  # (B, T, C)

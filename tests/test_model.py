@@ -56,7 +56,8 @@ def test_residual_stream_dtype(variant):
         for block in model.blocks:
             block.register_forward_hook(lambda mod, args, out, m=model: seen[m].append(out.dtype))
     assert torch.equal(all_logits(low, idx), all_logits(ref, idx))  # no autocast: the same model
-    seen = {ref: [], low: []}
+    for dtypes in seen.values():
+        dtypes.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits_ref, _ = ref(idx, targets=idx)
         logits, loss = low(idx, targets=idx)
