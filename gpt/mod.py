@@ -13,7 +13,8 @@ models", arXiv 2404.02258.
 Routed tokens keep their original positions (RoPE rotates by them) and attend only to routed tokens
 at earlier positions. Multiplying f by r_i is what trains the router: the LM loss reaches w only
 through that product. (The paper multiplies by r itself; with b = 1 a routed block starts out as the
-dense block on its tokens.)
+dense block on its tokens.) So r is computed twice: over all T tokens without gradient, to choose,
+and again on the k chosen ones for that product, so that backward touches k rows instead of T.
 
 The causality trap. Top-k over the sequence compares token i's score with those of later tokens, so
 whether token i is routed depends on the future: fine for training, impossible when sampling one
@@ -137,12 +138,19 @@ class MoD(nn.Module):
         self.window = getattr(block.mixer, "window", None)
         self.aux_loss, self.stats = None, {}
 
-    def scores(self, x):
-        """x: (B, T, C) -> router scores r (B, T) and predictor logits (B, T), fp32 (routing
-        decisions are precision-sensitive)."""
-        C = x.shape[-1]
+    def router(self, x):
+        """x: (..., C) -> router scores r (...), fp32 (routing decisions are precision-sensitive)."""
         with torch.autocast(x.device.type, enabled=False):
-            r = x.float() @ self.router_w.float() + self.router_b.float()  # (B, T)
+            return x.float() @ self.router_w.float() + self.router_b.float()
+
+    def scores(self, x):
+        """x: (B, T, C) -> router scores r (B, T), without gradient (they only choose the tokens;
+        forward recomputes r on the chosen ones for the product that trains the router), and
+        predictor logits (B, T)."""
+        C = x.shape[-1]
+        with torch.no_grad():
+            r = self.router(x)  # (B, T)
+        with torch.autocast(x.device.type, enabled=False):
             h = F.rms_norm(x.detach().float(), (C,))  # stop-gradient; the stream's scale drifts, so normalise
             p = self.predictor(h.type_as(self.router_w)).float().squeeze(-1)  # (B, T); a bf16 model: bf16
         return r, p
@@ -154,7 +162,7 @@ class MoD(nn.Module):
         pos = pos.expand(B, T)  # (B, T)
         self.aux_loss, stats = None, {}
         if cache is None:  # the top-k choice, the training target of the predictor
-            top = r.topk(capacity_tokens(self.capacity, T), dim=1).indices  # (B, k)
+            top = r.topk(capacity_tokens(self.capacity, T), dim=1, sorted=False).indices  # (B, k), any order
             in_top = torch.zeros_like(r, dtype=torch.bool).scatter(1, top, True)  # (B, T)
             stats["predictor_acc"] = ((p > 0) == in_top).float().mean().detach()
         if self.training and cache is None:
@@ -177,7 +185,8 @@ class MoD(nn.Module):
         elif self.window is not None:
             cache = RoutedPositions(valid)
         ys = self.block(xs, pos.gather(1, idx), cache)  # (B, k, C): xs + f(xs)
-        out = xs + r.gather(1, idx).unsqueeze(-1).to(ys.dtype) * (ys - xs)  # (B, k, C)
+        rs = self.router(xs)  # (B, k): r again, on the routed tokens only, so backward touches only them
+        out = xs + rs.unsqueeze(-1).to(ys.dtype) * (ys - xs)  # (B, k, C)
         if valid is not None:  # padding: its outputs are dropped, x stays
             out = torch.where(valid.unsqueeze(-1), out, xs)
         return x.scatter(1, gather, out.to(x.dtype))  # (B, T, C)

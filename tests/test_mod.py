@@ -72,6 +72,29 @@ def test_top_k_tokens_keep_their_original_positions():
     assert not torch.allclose(ys, mod.block(xs, torch.arange(k)))  # positions 0..k-1 would differ
 
 
+def test_router_gradient_equals_the_paper_formulation():
+    """forward recomputes r on the routed tokens only; the gradients it gives the router, the block
+    and the input must equal those of x_i + r_i f(x_i) with r taken over the whole sequence."""
+    mod, _ = routed_block()
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    g = torch.randn(2, 16, 32)
+    params = [mod.router_w, mod.router_b, *mod.block.parameters()]
+
+    def grads(out):
+        return torch.autograd.grad((out * g).sum(), [x, *params])
+
+    got = grads(mod(x, torch.arange(16)))
+    r = x @ mod.router_w + mod.router_b  # (B, T), with gradient
+    idx = r.topk(capacity_tokens(0.25, 16), dim=1).indices.sort(dim=1).values  # (B, k)
+    gather = idx[..., None].expand(-1, -1, 32)
+    xs = x.gather(1, gather)  # (B, k, C)
+    ys = mod.block(xs, idx)
+    want = grads(x.scatter(1, gather, xs + r.gather(1, idx)[..., None] * (ys - xs)))
+    assert got[1].abs().sum() > 0  # the router learns
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_inference_routes_by_the_predictor_at_original_positions():
     mod, _ = routed_block()
     route_some(mod).eval()
