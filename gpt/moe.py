@@ -18,10 +18,10 @@ arXiv 2404.07413 (routed query/output projections over one shared key/value proj
                                 went to i, P_i = mean over tokens of the normalised score of i
 
 No token is ever dropped (dropless): every token gets its k experts whatever the load. Dispatch sorts
-the (token, slot) pairs by expert so that each expert's tokens are one contiguous block; on a CUDA
-GPU in bf16 the blocks go through one grouped GEMM (`torch._grouped_mm`, offsets = cumulative
-counts, int32), elsewhere through a plain loop over experts, the reference path (it reads the counts
-on the host, so it syncs). Tokens routed to each expert are counted in `stats["expert_counts"]`
+the (token, slot) pairs by expert (a counting sort, the counts being known) so that each expert's
+tokens are one contiguous block; on a CUDA GPU in bf16 the blocks go through one grouped GEMM
+(`torch._grouped_mm`, offsets = cumulative counts, int32), elsewhere through a plain loop over
+experts, the reference path (it reads the counts on the host, so it syncs). Tokens routed to each expert are counted in `stats["expert_counts"]`
 (logged to log.jsonl) and drawn as a layer × expert heat map by `save_usage_heatmaps`.
 
 Mixture of attention heads (`MoA`): E attention experts, each a group of query heads with its own
@@ -125,6 +125,17 @@ def compute_dtype(x):
     return x.dtype
 
 
+def counting_sort(keys, counts):
+    """The stable argsort of keys (M,) in [0, E), whose counts (E,) are known: a pair's place is the
+    start of its expert's block plus how many earlier pairs chose the same expert. A few fused
+    elementwise passes and one scan instead of a radix sort. -> order (M,): keys[order] is sorted."""
+    E = counts.shape[0]
+    start = counts.cumsum(0) - counts  # (E,): first sorted place of each expert's block
+    seen = F.one_hot(keys, E).cumsum(0)  # (M, E): pairs so far that chose each expert, this one included
+    dest = start[keys] + seen.gather(1, keys[:, None]).squeeze(1) - 1  # (M,): where each pair lands
+    return torch.empty_like(keys).scatter_(0, dest, torch.arange(keys.shape[0], device=keys.device))
+
+
 class Dispatch:
     """Sorts the N·k (token, slot) pairs of idx (N, k) by expert; counts (E,) are the Router's.
     `gather` lines up the rows each pair needs, `scatter` puts per-pair results back in (token,
@@ -132,7 +143,7 @@ class Dispatch:
 
     def __init__(self, idx, counts):
         self.N, self.k = idx.shape
-        self.order = idx.flatten().argsort(stable=True)  # (N*k,): pair p = (token p // k, slot p % k)
+        self.order = counting_sort(idx.flatten(), counts)  # (N*k,): pair p = (token p // k, slot p % k)
         self.token = self.order // self.k  # (N*k,): the token of each sorted pair
         self.counts = counts  # (E,): pairs per expert, the lengths of the sorted blocks
 

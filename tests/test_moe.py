@@ -11,7 +11,7 @@ from conftest import assert_causal, tiny_config
 from gpt import moe
 from gpt.config import GPTConfig
 from gpt.model import GPT, MLP
-from gpt.moe import MoA, MoE, Router, expert_matmul
+from gpt.moe import MoA, MoE, Router, count_experts, counting_sort, expert_matmul
 
 
 def gpu(test):
@@ -48,6 +48,14 @@ def test_dropless_every_token_gets_k_experts():
     counts = layer.router.stats["expert_counts"]
     assert counts.sum().item() == 4 * 16 * 2
     assert counts[0].item() == 4 * 16  # every token chose expert 0, and got a second one too
+
+
+@pytest.mark.parametrize("E, M", [(1, 5), (8, 24), (64, 3000)])
+def test_counting_sort_is_the_stable_argsort(E, M):
+    keys = torch.randint(0, E, (M,))
+    keys[: M // 3] = E - 1  # a crowded expert, and (for E = 64) experts nobody chose
+    order = counting_sort(keys, count_experts(keys, E))
+    assert torch.equal(order, keys.argsort(stable=True))
 
 
 def test_loop_path_equals_dense_per_token_computation():
