@@ -125,6 +125,11 @@ ROWS = {
     "gpt2-moe-16-graph": {**GPT2, **MOE16, **GRAPH},
     "gpt2-moe-8-graph": {**GPT2, **MOE8, **GRAPH},
     "gpt2-peer": {**GPT2, "ffn": "peer", "moe_every": 12, "slow": True, "quick": {"peer_keys": 32}},
+    # one optimizer step per 40 micro-batches, as the gpt2-124m preset trains: PEER's per-step cost
+    # (AdamW, zeroing and clipping 1.6 B parameters: RESULTS.md, eighth session) spread over 40
+    "gpt2-accum40": {**GPT2, "grad_accum": 40, "slow": True, "quick": {"grad_accum": 2}},
+    "gpt2-peer-accum40": {**GPT2, "ffn": "peer", "moe_every": 12, "grad_accum": 40, "slow": True,
+                          "quick": {"peer_keys": 32, "grad_accum": 2}},
     # issue 7, mixture-of-depths against "gpt2" (python bench.py --rows gpt2,gpt2-mod): every other
     # block routed at capacity 0.125 (gpt/mod.py; 67.6% of dense FLOPs per token). Issue target:
     # tok/s >= 1.3x dense. Decode: batch 1, the causal predictor routes, routed layers cache their tokens.
