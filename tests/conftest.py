@@ -95,14 +95,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bench/gpu_check.sh runs `pytest -m gpu`)")
 
 
-def hopper_build(kernel, signature, constexprs, num_warps=4):
+def hopper_build(kernel, signature, constexprs, num_warps=4, aligned=()):
     """Compile a Triton kernel for the H100 (sm_90a) on any machine, GPU or not, and read ptxas's
     report: (registers per thread, spilled bytes). Catches what the CPU interpreter cannot: a kernel
     that does not lower for Hopper, or a tile too large for the register file. Skips where Triton is
-    not installed (CI installs it: .ci/run)."""
+    not installed (CI installs it: .ci/run). aligned: the arguments a launch would find divisible by
+    16 (pointers from torch's allocator, sizes such as 50304), which Triton's launcher specialises
+    on; without it, loads whose alignment is unknown stay scalar (ld.global.b16, not vectorised)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
-    src = triton.compiler.ASTSource(fn=kernel, constexprs=constexprs,
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = triton.compiler.ASTSource(fn=kernel, constexprs=constexprs, attrs=attrs,
                                     signature={**signature, **{name: "constexpr" for name in constexprs}})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
