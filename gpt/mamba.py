@@ -313,12 +313,19 @@ if triton is not None:
         tl.store(dH_ptr + (chunk * h + head) * P * N + p[:, None] * N + n[None, :],
                  dH.to(dH_ptr.dtype.element_ty), mask=(p[:, None] < P) & (n[None, :] < N))
 
-    def chunk_output_config(Q, N, P):
-        """Tile sizes and warps: BQ x BQ tiles of the Q x Q block (at most 64, so a tile's fp32
-        blocks fit in registers), N and P whole (padded to a power of two, at least 16 for tl.dot)."""
-        BQ = min(64, max(16, triton.next_power_of_2(Q)))
-        return dict(BQ=BQ, BN=max(16, triton.next_power_of_2(N)), BP=max(16, triton.next_power_of_2(P)),
-                    num_warps=4)
+    # (BQ, num_warps) per kernel, for the bench shape (N = 128, P = 64, bf16). Registers per thread
+    # that ptxas reports for sm_90a (tests/test_mamba.py builds them): forward 168, rows 225,
+    # columns 240, dH 98, none spilled; the backward kernels keep more blocks live and spill with
+    # 64 x 64 tiles (rows 164 bytes, columns 160 at 8 warps, more at 4).
+    CHUNK_OUTPUT_TILES = {_chunk_output_fwd: (64, 4), _chunk_output_bwd_rows: (32, 8),
+                          _chunk_output_bwd_cols: (32, 8), _chunk_output_bwd_dh: (32, 8)}
+
+    def chunk_output_config(kernel, Q, N, P):
+        """A kernel's tile sizes and warps: BQ x BQ tiles of the Q x Q block, N and P whole (padded
+        to powers of two, at least 16 for tl.dot)."""
+        BQ, num_warps = CHUNK_OUTPUT_TILES[kernel]
+        return dict(BQ=min(BQ, max(16, triton.next_power_of_2(Q))), BN=max(16, triton.next_power_of_2(N)),
+                    BP=max(16, triton.next_power_of_2(P)), num_warps=num_warps)
 
     class ChunkOutput(torch.autograd.Function):
         """`chunk_output` by the Triton kernels above, forward and backward. Inputs as there, all in
@@ -350,7 +357,7 @@ if triton is not None:
     def _launch(kernel, tensors, xdt_shape, N, tiles=None):
         """kernel[grid](*tensors, sizes, tiles) on the grid (row or column tiles, b c chunks, h heads)."""
         b, c, Q, g, r, P = xdt_shape
-        config = chunk_output_config(Q, N, P)
+        config = chunk_output_config(kernel, Q, N, P)
         grid = (tiles or triton.cdiv(Q, config["BQ"]), b * c, g * r)
         kernel[grid](*tensors, g * r, g, Q, N, P, **config)
 
