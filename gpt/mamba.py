@@ -19,15 +19,21 @@ H_c = exp(a summed over chunk c) H_{c-1} + S_c, where S_c is the state chunk c b
 tokens. Work per token is O(Q (P + N)) per head, not attention's O(T).
 
 Paths. Reference: `ssd_recurrent` (token by token, the tests' oracle) and `ssd_chunked` (plain
-PyTorch without data-dependent Python control flow, so torch.compile traces it whole; it is the path
-that runs on our H100 today). `ssd()` picks the Triton kernel `mamba_chunk_scan_combined` of
-`mamba-ssm` on a GPU when it imports, and the conv uses `causal_conv1d_fn` of `causal-conv1d` when
-that imports; neither installs on our machines (mamba-ssm needs its compiled CUDA extension), so both
-branches are unverified here. fla-core's scalar-decay kernels compute the same recurrence, but its
-gated kernels refuse Hopper with Triton < 3.7.1 (the H100 has 3.6), so they are not wired in.
-Measured (bench/RESULTS.md, H100, T = 8192, GPT-2-124M width): the compiled chunked form takes
-1.4x a global attention layer's time (fwd + bwd), because its Q x Q decay blocks and per-chunk
-states pass through GPU memory; a fused kernel that keeps them on chip is what would change that.
+PyTorch without data-dependent Python control flow, so torch.compile traces it whole). Its last step,
+each token's output from its chunk (`chunk_output`: the Q x Q decay-masked product and the state
+entering the chunk), runs on a GPU as the Triton kernels of `ChunkOutput` (forward and backward),
+which keep the Q x Q blocks in registers; on a CPU it runs the reference (torch.compile leaves the
+kernels outside its graph: a graph break). The kernels are verified on the CPU by Triton's
+interpreter (fp32, against the reference: output, gradients, the whole scan) and by building them
+for the H100 (sm_90a, bf16, no register spills); they have NOT yet run on a GPU, so neither their
+correctness there nor their speed is measured. `ssd()` picks the Triton kernel
+`mamba_chunk_scan_combined` of `mamba-ssm` on a GPU when it imports, and the conv uses
+`causal_conv1d_fn` of `causal-conv1d` when that imports; neither installs on our machines (mamba-ssm
+needs its compiled CUDA extension), so both branches are unverified here. fla-core's scalar-decay
+kernels compute the same recurrence, but its gated kernels refuse Hopper with Triton < 3.7.1 (the
+H100 has 3.6), so they are not wired in. Measured before the kernels (bench/RESULTS.md, H100,
+T = 8192, GPT-2-124M width): the compiled chunked form takes 1.4x a global attention layer's time
+(fwd + bwd), because its Q x Q decay blocks and per-chunk states pass through GPU memory.
 
 Decoding keeps a fixed-size `MambaCache` per layer: the last d_conv - 1 inputs of the conv and the
 SSM state (h x P x N, fp32), so memory per sequence does not grow with the context. A cached forward

@@ -368,8 +368,8 @@ def test_trains():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_compiled_bf16_matches_fp32_reference(fresh_compile):
-    """The path training uses on a GPU (torch.compile'd ssd_chunked under bf16 autocast, or
-    mamba-ssm's kernel when it imports) against the fp32 eager reference, scan and whole layer."""
+    """The path training uses on a GPU (torch.compile'd ssd_chunked, whose chunk_output runs as
+    ChunkOutput's Triton kernels, under bf16 autocast, or mamba-ssm's kernel when it imports) against the fp32 eager reference, scan and whole layer."""
     torch.manual_seed(0)
     x, dt, A, B, C, h0 = (t.cuda() for t in scan_inputs(b=2, T=300, h=8, P=64, g=1, N=128,
                                                            dtype=torch.float32))
@@ -391,3 +391,30 @@ def test_gpu_compiled_bf16_matches_fp32_reference(fresh_compile):
     assert rel(got.float(), ref) < 1e-2  # CPU eager bf16: 6.9e-3
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(b=2, c=3, Q=24, g=2, r=2, P=8, N=16),
+                                   dict(b=1, c=4, Q=80, g=2, r=3, P=64, N=64),
+                                   dict(b=2, c=64, Q=128, g=1, r=24, P=64, N=128)],  # the bench shape, T = 8192
+                         ids=["small", "Q80", "bench"])
+def test_gpu_chunk_output_kernels_match_reference(shape, dtype, full_fp32):
+    """ChunkOutput's Triton kernels on the GPU (the path ssd_chunked takes there) against the fp32
+    reference chunk_output on the same values: the output and all five gradients. fp32 multiplies
+    exactly in both; bf16 rounds the kernels' inputs to their tensor-core products."""
+    pytest.importorskip("triton")
+    inputs = chunk_inputs(**shape, dtype=dtype, device="cuda")
+    assert mamba.use_triton(inputs[3])
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    y_ref = chunk_output(*ref_inputs)  # (b, c, Q, g, r, P)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, dy)
+    y = mamba.ChunkOutput.apply(*inputs)
+    grads = torch.autograd.grad(y, inputs, dy.to(dtype))
+    assert y.dtype == dtype and all(g.dtype == t.dtype for g, t in zip(grads, inputs))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the bf16 reference on the CPU: 2.8e-3 to 3.7e-3
+    assert rel(y.float(), y_ref) < tol
+    for name, g, g_ref in zip(["a_cum", "C", "B", "xdt", "H"], grads, grads_ref):
+        assert rel(g.float(), g_ref) < tol, (name, rel(g.float(), g_ref))
