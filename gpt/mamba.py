@@ -184,10 +184,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
 #     dC = (dM o L) B + diag(e) dy H        dB = (dM o L)^T C       (summed over the group's heads)
 #     dH = (diag(e) dy)^T C                 da[l] = sum_s G[l, s] - sum_s G[s, l] + e_l dy_l . (H C_l)
 # The rows kernel gives dC and the row sums of da, the columns kernel dxdt, dB and the column sums,
-# a third kernel dH. The heads of a group add their dC and dB into one fp32 buffer with atomics: a
-# per-head buffer would be r times the gradient (24 x 200 MB at the bench shape), and looping over
-# the group's heads inside one program would leave b c g Q / BQ programs (256 at the bench shape,
-# under two per SM). The price: B's and C's gradients are summed in a run-dependent order.
+# a third kernel dH. The heads of a group add their dC and dB into one fp32 buffer with atomics:
+# a per-head buffer would be r times the gradient (24 times, 200 MB of fp32, at the bench shape),
+# and looping over the group's heads inside one program would leave b c g Q / BQ programs (512 for
+# the backward at the bench shape, under four per SM). The price: B's and C's gradients are summed
+# in a run-dependent order, so they are not bitwise reproducible.
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the kernels take CPU tensors
 
