@@ -19,15 +19,21 @@ H_c = exp(a summed over chunk c) H_{c-1} + S_c, where S_c is the state chunk c b
 tokens. Work per token is O(Q (P + N)) per head, not attention's O(T).
 
 Paths. Reference: `ssd_recurrent` (token by token, the tests' oracle) and `ssd_chunked` (plain
-PyTorch without data-dependent Python control flow, so torch.compile traces it whole; it is the path
-that runs on our H100 today). `ssd()` picks the Triton kernel `mamba_chunk_scan_combined` of
-`mamba-ssm` on a GPU when it imports, and the conv uses `causal_conv1d_fn` of `causal-conv1d` when
-that imports; neither installs on our machines (mamba-ssm needs its compiled CUDA extension), so both
-branches are unverified here. fla-core's scalar-decay kernels compute the same recurrence, but its
-gated kernels refuse Hopper with Triton < 3.7.1 (the H100 has 3.6), so they are not wired in.
-Measured (bench/RESULTS.md, H100, T = 8192, GPT-2-124M width): the compiled chunked form takes
-1.4x a global attention layer's time (fwd + bwd), because its Q x Q decay blocks and per-chunk
-states pass through GPU memory; a fused kernel that keeps them on chip is what would change that.
+PyTorch without data-dependent Python control flow, so torch.compile traces it whole). Its last step,
+each token's output from its chunk (`chunk_output`: the Q x Q decay-masked product and the state
+entering the chunk), runs on a GPU as the Triton kernels of `ChunkOutput` (forward and backward),
+which keep the Q x Q blocks in registers; on a CPU it runs the reference (torch.compile leaves the
+kernels outside its graph: a graph break). The kernels are verified on the CPU by Triton's
+interpreter (fp32, against the reference: output, gradients, the whole scan) and by building them
+for the H100 (sm_90a, bf16, no register spills); they have NOT yet run on a GPU, so neither their
+correctness there nor their speed is measured. `ssd()` picks the Triton kernel
+`mamba_chunk_scan_combined` of `mamba-ssm` on a GPU when it imports, and the conv uses
+`causal_conv1d_fn` of `causal-conv1d` when that imports; neither installs on our machines (mamba-ssm
+needs its compiled CUDA extension), so both branches are unverified here. fla-core's scalar-decay
+kernels compute the same recurrence, but its gated kernels refuse Hopper with Triton < 3.7.1 (the
+H100 has 3.6), so they are not wired in. Measured before the kernels (bench/RESULTS.md, H100,
+T = 8192, GPT-2-124M width): the compiled chunked form takes 1.4x a global attention layer's time
+(fwd + bwd), because its Q x Q decay blocks and per-chunk states pass through GPU memory.
 
 Decoding keeps a fixed-size `MambaCache` per layer: the last d_conv - 1 inputs of the conv and the
 SSM state (h x P x N, fp32), so memory per sequence does not grow with the context. A cached forward
@@ -37,10 +43,17 @@ mamba_chunk_size (Q); the letter M in `layers`.
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # the fast path of chunk_output (below); CUDA builds of torch bring Triton with them
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 try:  # optional fast paths: https://github.com/state-spaces/mamba, https://github.com/Dao-AILab/causal-conv1d
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -93,11 +106,36 @@ def segsum(a):
     return s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=a.device).tril(), float("-inf"))
 
 
+def chunk_output(a_cum, C, B, xdt, H):
+    """Each token's output from its own chunk: the dual (attention-like) form over the chunk's
+    tokens up to it, plus what the state entering the chunk gives it,
+
+        y[l] = sum_{s <= l} exp(a_cum[l] - a_cum[s]) (C_l . B_s) xdt_s  +  exp(a_cum[l]) H C_l,
+
+    i.e. y = (L o C B^T) xdt + diag(exp(a_cum)) C H^T per chunk and head, with
+    L[l, s] = exp(a_cum[l] - a_cum[s]) for s <= l (within a chunk the difference is exact enough).
+    a_cum: (b, c, h, Q) fp32, the log-decay from the chunk's start to each token; C, B:
+    (b, c, Q, g, N); xdt: (b, c, Q, g, r, P); H: (b, c, g, r, P, N), the state entering each chunk.
+    Returns (b, c, Q, g, r, P) in xdt's dtype. Plain PyTorch: the reference for `ChunkOutput`."""
+    b, c, Q, g, r, P = xdt.shape
+    dtype = xdt.dtype
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=xdt.device).tril()
+    L = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf")))  # (b, c, h, Q, Q)
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, Q, Q), shared by the group's heads
+    M = (CB[:, :, :, None] * L.view(b, c, g, r, Q, Q)).to(dtype)  # (b, c, g, r, Q, Q)
+    y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", M, xdt)  # (b, c, Q, g, r, P)
+    decay_from_start = torch.exp(a_cum).transpose(2, 3).reshape(b, c, Q, g, r, 1)
+    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, H) * decay_from_start.to(dtype)  # (b, c, Q, g, r, P)
+    return y_diag + y_off
+
+
 def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
-    """The same recurrence in chunks of Q = chunk_size tokens: quadratic inside each chunk, the
-    recurrence across chunks (written as one small (c+1) x (c+1) decay matrix product, so that the
-    whole function is a fixed graph of matrix products for torch.compile). Decays are computed in
-    dt's dtype (fp32), the matrix products and states in x's (bf16 under autocast).
+    """The same recurrence in chunks of Q = chunk_size tokens, in three steps: (1) the state each
+    chunk builds from its own tokens, (2) the recurrence across chunks (written as one small
+    (c+1) x (c+1) decay matrix product, so that the whole function is a fixed graph of matrix
+    products for torch.compile), (3) each token's output from its chunk and the state entering it
+    (`chunk_output`; the Triton kernels of `ChunkOutput` on a GPU). Decays are computed in dt's
+    dtype (fp32), the matrix products and states in x's (bf16 under autocast).
     Returns (y: (b, T, h, P), final state: (b, h, P, N)), both in x's dtype."""
     b, T, h, P = x.shape
     g, N = B.shape[-2:]
@@ -113,19 +151,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
     xdt = (x * dt[..., None]).to(dtype).view(b, c, Q, g, r, P)  # (b, c, Q, g, r, P)
     B, C = B.to(dtype).view(b, c, Q, g, N), C.to(dtype).view(b, c, Q, g, N)  # (b, c, Q, g, N)
 
-    # 1. inside each chunk, the dual (attention-like) form: y = (L o C B^T) (dt x), with
-    #    L[l, s] = exp(a_cum[l] - a_cum[s]) for s <= l (within a chunk the difference is exact enough)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    L = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf")))  # (b, c, h, Q, Q)
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, Q, Q), shared by the group's heads
-    M = (CB[:, :, :, None] * L.view(b, c, g, r, Q, Q)).to(dtype)  # (b, c, g, r, Q, Q)
-    y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", M, xdt)  # (b, c, Q, g, r, P)
-
-    # 2. the state each chunk builds from its own tokens, decayed to the chunk's end
+    # 1. the state each chunk builds from its own tokens, decayed to the chunk's end
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).transpose(2, 3).reshape(b, c, Q, g, r, 1)
     S = torch.einsum("bclgn,bclgrp->bcgrpn", B, xdt * decay_to_end.to(dtype))  # (b, c, g, r, P, N)
 
-    # 3. across chunks: H_c = exp(sum of a over chunk c) H_{c-1} + S_c, for all c at once; the
+    # 2. across chunks: H_c = exp(sum of a over chunk c) H_{c-1} + S_c, for all c at once; the
     #    decays between chunks come from segsum, which stays exact however long the sequence
     if initial_state is None:
         initial_state = torch.zeros(b, h, P, N, device=x.device, dtype=dtype)
@@ -135,12 +165,214 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
     H = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunks, S)  # (b, c+1, g, r, P, N): H[z] ends chunk z-1
     H, final_state = H[:, :-1], H[:, -1]  # the state entering each chunk; the state after the last
 
-    # 4. what the state entering a chunk contributes to each of its tokens: C_l H, decayed to l
-    decay_from_start = torch.exp(a_cum).transpose(2, 3).reshape(b, c, Q, g, r, 1)
-    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, H) * decay_from_start.to(dtype)  # (b, c, Q, g, r, P)
-
-    y = (y_diag + y_off).reshape(b, c * Q, h, P)[:, :T]  # (b, T, h, P)
+    # 3. each token's output: the dual form inside its chunk plus the state entering the chunk
+    output = chunk_output_triton if use_triton(x) else chunk_output
+    y = output(a_cum, C, B, xdt, H)  # (b, c, Q, g, r, P)
+    y = y.reshape(b, c * Q, h, P)[:, :T]  # (b, T, h, P)
     return y, final_state.reshape(b, h, P, N)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton fast path of chunk_output: the Q x Q blocks C B^T, L and M live only in registers,
+# one BQ x BQ tile at a time, instead of passing through GPU memory as (b, c, h, Q, Q) tensors.
+# Each program owns one tile of rows (or columns) of one chunk and head and loops over the tiles
+# it meets on the other side of the diagonal. Layouts, all contiguous: a_cum (b c, h, Q);
+# C, B (b c, Q, g, N); xdt, y (b c, Q, h, P); H (b c, h, P, N); head i reads group i // (h / g).
+#
+# Backward, with M = CB o L, G = dM o M and e_l = exp(a_cum[l]) (derivatives of y above):
+#     dxdt = M^T dy                         dM = dy xdt^T (masked to s <= l)
+#     dC = (dM o L) B + diag(e) dy H        dB = (dM o L)^T C       (summed over the group's heads)
+#     dH = (diag(e) dy)^T C                 da[l] = sum_s G[l, s] - sum_s G[s, l] + e_l dy_l . (H C_l)
+# The rows kernel gives dC and the row sums of da, the columns kernel dxdt, dB and the column sums,
+# a third kernel dH. The heads of a group add their dC and dB into one fp32 buffer with atomics:
+# a per-head buffer would be r times the gradient (24 times, 200 MB of fp32, at the bench shape),
+# and looping over the group's heads inside one program would leave b c g Q / BQ programs (512 for
+# the backward at the bench shape, under four per SM). The price: B's and C's gradients are summed
+# in a run-dependent order, so they are not bitwise reproducible.
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the kernels take CPU tensors
+
+
+def use_triton(x):
+    """The Triton kernels run where Triton does: on a CUDA tensor, or anywhere under the interpreter."""
+    return triton is not None and (x.is_cuda or INTERPRET)
+
+
+if triton is not None:
+    @triton.jit
+    def _load_rows(ptr, rows, cols, n_rows, n_cols, row_stride):
+        """A (len(rows), len(cols)) tile of a matrix stored with `row_stride` between rows; zeros
+        outside n_rows x n_cols."""
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _decay(a_l, a_s, l, s, Q):
+        """L on a tile, from rows l and columns s broadcast against each other (either way round):
+        exp(a_cum[l] - a_cum[s]) where s <= l < Q, else 0 (exp(-inf): never inf above the diagonal)."""
+        return tl.exp(tl.where((s <= l) & (l < Q), a_l - a_s, float("-inf")))
+
+    @triton.jit
+    def _chunk_output_fwd(a_ptr, C_ptr, B_ptr, x_ptr, H_ptr, y_ptr, h, g, Q, N, P,
+                          BQ: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+        """y for rows l of one tile, chunk and head: e_l C_l H^T, then (L o C B^T) xdt over the
+        column tiles s <= l."""
+        tile, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        grp = head // (h // g)
+        l = tile * BQ + tl.arange(0, BQ)  # (BQ,)
+        n, p = tl.arange(0, BN), tl.arange(0, BP)
+        a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
+        C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
+        H = _load_rows(H_ptr + (chunk * h + head) * P * N, p, n, P, N, N)  # (BP, BN)
+        y = tl.dot(C_l, tl.trans(H), input_precision="ieee") * tl.exp(a_l)[:, None]  # (BQ, BP)
+        for s0 in range(0, (tile + 1) * BQ, BQ):
+            s = s0 + tl.arange(0, BQ)  # (BQ,)
+            a_s = tl.load(a_ptr + (chunk * h + head) * Q + s, mask=s < Q, other=0.0)  # (BQ,)
+            B_s = _load_rows(B_ptr + (chunk * Q * g + grp) * N, s, n, Q, N, g * N)  # (BQ, BN)
+            x_s = _load_rows(x_ptr + (chunk * Q * h + head) * P, s, p, Q, P, h * P)  # (BQ, BP)
+            CB = tl.dot(C_l, tl.trans(B_s), input_precision="ieee")  # (BQ, BQ)
+            M = CB * _decay(a_l[:, None], a_s[None, :], l[:, None], s[None, :], Q)  # (BQ, BQ)
+            y += tl.dot(M.to(x_s.dtype), x_s, input_precision="ieee")  # (BQ, BP)
+        mask = (l[:, None] < Q) & (p[None, :] < P)
+        tl.store(y_ptr + (chunk * Q * h + head) * P + l[:, None] * h * P + p[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _chunk_output_bwd_rows(a_ptr, C_ptr, B_ptr, x_ptr, H_ptr, dy_ptr, dC_ptr, da_ptr, h, g, Q, N, P,
+                               BQ: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+        """For rows l of one tile, chunk and head: dC_l (added into the group's fp32 buffer) and
+        d a_cum[l]'s row sums, e_l dy_l . (H C_l) + sum_{s <= l} G[l, s] (stored; the columns
+        kernel adds the rest)."""
+        tile, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        grp = head // (h // g)
+        l = tile * BQ + tl.arange(0, BQ)  # (BQ,)
+        n, p = tl.arange(0, BN), tl.arange(0, BP)
+        a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
+        e_l = tl.exp(a_l)  # (BQ,)
+        C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
+        dy_l = _load_rows(dy_ptr + (chunk * Q * h + head) * P, l, p, Q, P, h * P)  # (BQ, BP)
+        H = _load_rows(H_ptr + (chunk * h + head) * P * N, p, n, P, N, N)  # (BP, BN)
+        dC = tl.dot(dy_l, H, input_precision="ieee") * e_l[:, None]  # (BQ, BN)
+        CH = tl.dot(C_l, tl.trans(H), input_precision="ieee")  # (BQ, BP)
+        da = tl.sum(dy_l.to(tl.float32) * CH, axis=1) * e_l  # (BQ,)
+        for s0 in range(0, (tile + 1) * BQ, BQ):
+            s = s0 + tl.arange(0, BQ)  # (BQ,)
+            a_s = tl.load(a_ptr + (chunk * h + head) * Q + s, mask=s < Q, other=0.0)  # (BQ,)
+            B_s = _load_rows(B_ptr + (chunk * Q * g + grp) * N, s, n, Q, N, g * N)  # (BQ, BN)
+            x_s = _load_rows(x_ptr + (chunk * Q * h + head) * P, s, p, Q, P, h * P)  # (BQ, BP)
+            CB = tl.dot(C_l, tl.trans(B_s), input_precision="ieee")  # (BQ, BQ)
+            dM = tl.dot(dy_l, tl.trans(x_s), input_precision="ieee")  # (BQ, BQ)
+            dCB = dM * _decay(a_l[:, None], a_s[None, :], l[:, None], s[None, :], Q)  # (BQ, BQ)
+            dC += tl.dot(dCB.to(B_s.dtype), B_s, input_precision="ieee")  # (BQ, BN)
+            da += tl.sum(dCB * CB, axis=1)  # (BQ,)
+        mask = (l[:, None] < Q) & (n[None, :] < N)
+        tl.atomic_add(dC_ptr + (chunk * Q * g + grp) * N + l[:, None] * g * N + n[None, :], dC, mask=mask)
+        tl.store(da_ptr + (chunk * h + head) * Q + l, da, mask=l < Q)
+
+    @triton.jit
+    def _chunk_output_bwd_cols(a_ptr, C_ptr, B_ptr, x_ptr, dy_ptr, dx_ptr, dB_ptr, da_ptr, h, g, Q, N, P,
+                               BQ: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+        """For columns s of one tile, chunk and head, over the row tiles l >= s: dxdt_s, dB_s (added
+        into the group's fp32 buffer) and - sum_l G[l, s], added to what the rows kernel stored."""
+        tile, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        grp = head // (h // g)
+        s = tile * BQ + tl.arange(0, BQ)  # (BQ,)
+        n, p = tl.arange(0, BN), tl.arange(0, BP)
+        a_s = tl.load(a_ptr + (chunk * h + head) * Q + s, mask=s < Q, other=0.0)  # (BQ,)
+        B_s = _load_rows(B_ptr + (chunk * Q * g + grp) * N, s, n, Q, N, g * N)  # (BQ, BN)
+        x_s = _load_rows(x_ptr + (chunk * Q * h + head) * P, s, p, Q, P, h * P)  # (BQ, BP)
+        dx = tl.zeros((BQ, BP), dtype=tl.float32)
+        dB = tl.zeros((BQ, BN), dtype=tl.float32)
+        da = tl.zeros((BQ,), dtype=tl.float32)
+        for l0 in range(tile * BQ, Q, BQ):
+            l = l0 + tl.arange(0, BQ)  # (BQ,)
+            a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
+            C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
+            dy_l = _load_rows(dy_ptr + (chunk * Q * h + head) * P, l, p, Q, P, h * P)  # (BQ, BP)
+            Lt = _decay(a_l[None, :], a_s[:, None], l[None, :], s[:, None], Q)  # (BQ, BQ): L transposed, [s, l]
+            Mt = tl.dot(B_s, tl.trans(C_l), input_precision="ieee") * Lt  # (BQ, BQ)
+            dx += tl.dot(Mt.to(dy_l.dtype), dy_l, input_precision="ieee")  # (BQ, BP)
+            dMt = tl.dot(x_s, tl.trans(dy_l), input_precision="ieee")  # (BQ, BQ)
+            dB += tl.dot((dMt * Lt).to(C_l.dtype), C_l, input_precision="ieee")  # (BQ, BN)
+            da -= tl.sum(dMt * Mt, axis=1)  # (BQ,)
+        tl.store(dx_ptr + (chunk * Q * h + head) * P + s[:, None] * h * P + p[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=(s[:, None] < Q) & (p[None, :] < P))
+        tl.atomic_add(dB_ptr + (chunk * Q * g + grp) * N + s[:, None] * g * N + n[None, :], dB,
+                      mask=(s[:, None] < Q) & (n[None, :] < N))
+        da_s = da_ptr + (chunk * h + head) * Q + s
+        tl.store(da_s, tl.load(da_s, mask=s < Q, other=0.0) + da, mask=s < Q)
+
+    @triton.jit
+    def _chunk_output_bwd_dh(a_ptr, C_ptr, dy_ptr, dH_ptr, h, g, Q, N, P,
+                             BQ: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+        """dH = (diag(e) dy)^T C for one chunk and head, over the chunk's row tiles."""
+        chunk, head = tl.program_id(1), tl.program_id(2)
+        grp = head // (h // g)
+        n, p = tl.arange(0, BN), tl.arange(0, BP)
+        dH = tl.zeros((BP, BN), dtype=tl.float32)
+        for l0 in range(0, Q, BQ):
+            l = l0 + tl.arange(0, BQ)  # (BQ,)
+            a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
+            C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
+            dy_l = _load_rows(dy_ptr + (chunk * Q * h + head) * P, l, p, Q, P, h * P)  # (BQ, BP)
+            dy_l = (dy_l.to(tl.float32) * tl.exp(a_l)[:, None]).to(C_l.dtype)  # (BQ, BP)
+            dH += tl.dot(tl.trans(dy_l), C_l, input_precision="ieee")  # (BP, BN)
+        tl.store(dH_ptr + (chunk * h + head) * P * N + p[:, None] * N + n[None, :],
+                 dH.to(dH_ptr.dtype.element_ty), mask=(p[:, None] < P) & (n[None, :] < N))
+
+    # (BQ, num_warps) per kernel, for the bench shape (N = 128, P = 64, bf16). Registers per thread
+    # that ptxas reports for sm_90a (tests/test_mamba.py builds them): forward 168, rows 225,
+    # columns 240, dH 98, none spilled; the backward kernels keep more blocks live and spill with
+    # 64 x 64 tiles (rows 164 bytes, columns 160 at 8 warps, more at 4).
+    CHUNK_OUTPUT_TILES = {_chunk_output_fwd: (64, 4), _chunk_output_bwd_rows: (32, 8),
+                          _chunk_output_bwd_cols: (32, 8), _chunk_output_bwd_dh: (32, 8)}
+
+    def chunk_output_config(kernel, Q, N, P):
+        """A kernel's tile sizes and warps: BQ x BQ tiles of the Q x Q block, N and P whole (padded
+        to powers of two, at least 16 for tl.dot)."""
+        BQ, num_warps = CHUNK_OUTPUT_TILES[kernel]
+        return dict(BQ=min(BQ, max(16, triton.next_power_of_2(Q))), BN=max(16, triton.next_power_of_2(N)),
+                    BP=max(16, triton.next_power_of_2(P)), num_warps=num_warps)
+
+    class ChunkOutput(torch.autograd.Function):
+        """`chunk_output` by the Triton kernels above, forward and backward. Inputs as there, all in
+        one dtype but a_cum (fp32); fp32 inputs multiply exactly (ieee, no TF32), bf16 on the tensor
+        cores with fp32 accumulation."""
+
+        @staticmethod
+        def forward(ctx, a_cum, C, B, xdt, H):
+            a_cum, C, B, xdt, H = (t.contiguous() for t in (a_cum, C, B, xdt, H))
+            ctx.save_for_backward(a_cum, C, B, xdt, H)
+            y = torch.empty_like(xdt)  # (b, c, Q, g, r, P)
+            _launch(_chunk_output_fwd, (a_cum, C, B, xdt, H, y), xdt.shape, C.shape[-1])
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            a_cum, C, B, xdt, H = ctx.saved_tensors
+            dy = dy.contiguous()  # (b, c, Q, g, r, P)
+            dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)  # (b, c, Q, g, N)
+            dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)  # (b, c, Q, g, N)
+            da = torch.empty_like(a_cum)  # (b, c, h, Q)
+            dxdt, dH = torch.empty_like(xdt), torch.empty_like(H)
+            sizes = xdt.shape, C.shape[-1]
+            _launch(_chunk_output_bwd_rows, (a_cum, C, B, xdt, H, dy, dC, da), *sizes)
+            _launch(_chunk_output_bwd_cols, (a_cum, C, B, xdt, dy, dxdt, dB, da), *sizes)  # adds to rows' da
+            _launch(_chunk_output_bwd_dh, (a_cum, C, dy, dH), *sizes, tiles=1)
+            return da, dC.to(C.dtype), dB.to(B.dtype), dxdt, dH
+
+    def _launch(kernel, tensors, xdt_shape, N, tiles=None):
+        """kernel[grid](*tensors, sizes, tiles) on the grid (row or column tiles, b c chunks, h heads)."""
+        b, c, Q, g, r, P = xdt_shape
+        config = chunk_output_config(kernel, Q, N, P)
+        grid = (tiles or triton.cdiv(Q, config["BQ"]), b * c, g * r)
+        kernel[grid](*tensors, g * r, g, Q, N, P, **config)
+
+    @torch.compiler.disable
+    def chunk_output_triton(a_cum, C, B, xdt, H):
+        """ChunkOutput, called eagerly under torch.compile (a graph break): the kernels launch as
+        they are, without Dynamo tracing their Python launch code."""
+        return ChunkOutput.apply(a_cum, C, B, xdt, H)
 
 
 def ssd(x, dt, A, B, C, chunk_size, initial_state=None):

@@ -1,16 +1,23 @@
 """Mamba-2 (gpt/mamba.py): the chunked scan against the token-by-token recurrence, state carrying,
-cached decoding of pure-Mamba and hybrid models against the full forward, causality, the parameter
-and FLOP counts, and (on a GPU) the compiled bf16 path against the fp32 reference."""
+the Triton kernels of chunk_output against its reference (on the CPU under Triton's interpreter, and
+built for the H100), cached decoding of pure-Mamba and hybrid models against the full forward,
+causality, the parameter and FLOP counts, and (on a GPU) the kernels and the compiled bf16 path
+against the fp32 reference."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_config
+from conftest import ROOT, hopper_build, tiny_config
 from gpt.config import LAYER_LETTERS, GPTConfig
 from gpt.generate import generate
-from gpt.mamba import Mamba2, MambaCache, segsum, ssd_chunked, ssd_recurrent
+from gpt import mamba
+from gpt.mamba import Mamba2, MambaCache, chunk_output, segsum, ssd_chunked, ssd_recurrent
 from gpt.model import GPT
 
 
@@ -96,6 +103,113 @@ def test_two_halves_carry_the_state():
     y2, s2 = ssd_chunked(x[:, 13:], dt[:, 13:], A, B[:, 13:], C[:, 13:], 8, initial_state=s1)
     assert rel(torch.cat([y1, y2], dim=1), y) < 1e-12
     assert rel(s2, s) < 1e-12
+
+
+def chunk_inputs(b=2, c=3, Q=24, g=2, r=2, P=8, N=16, dtype=torch.float64, device="cpu", seed=0):
+    """chunk_output's inputs, leaves that require grad: a_cum (b, c, h, Q) fp32 (fp64 with fp64) of
+    log-decays as the layer makes them (down to about -Q / 10 at the chunk's end), C, B, xdt, H."""
+    gen = torch.Generator().manual_seed(seed)
+    a_cum = (-0.2 * torch.rand(b, c, g * r, Q, generator=gen, dtype=torch.float64)).cumsum(-1)
+    C, B = (torch.randn(b, c, Q, g, N, generator=gen, dtype=torch.float64) for _ in range(2))
+    xdt = torch.randn(b, c, Q, g, r, P, generator=gen, dtype=torch.float64)
+    H = torch.randn(b, c, g, r, P, N, generator=gen, dtype=torch.float64)
+    a_dtype = torch.promote_types(dtype, torch.float32)
+    return [t.to(device, a_dtype if t is a_cum else dtype).requires_grad_() for t in (a_cum, C, B, xdt, H)]
+
+
+def test_chunk_output_is_the_sum_it_names():
+    """y[l] = sum_{s <= l} exp(a_cum[l] - a_cum[s]) (C_l . B_s) xdt_s + exp(a_cum[l]) H C_l, summed
+    token by token."""
+    a_cum, C, B, xdt, H = chunk_inputs()
+    y = chunk_output(a_cum, C, B, xdt, H)  # (b, c, Q, g, r, P)
+    b, c, Q, g, r, P = xdt.shape
+    a = a_cum.view(b, c, g, r, Q)
+    want = torch.zeros_like(y)
+    for l in range(Q):
+        want[:, :, l] = torch.exp(a[..., l])[..., None] * torch.einsum("bcgrpn,bcgn->bcgrp", H, C[:, :, l])
+        for s in range(l + 1):
+            CB = (C[:, :, l] * B[:, :, s]).sum(-1)  # (b, c, g)
+            decay = torch.exp(a[..., l] - a[..., s])  # (b, c, g, r)
+            want[:, :, l] += (decay * CB[..., None])[..., None] * xdt[:, :, s]
+    assert rel(y, want) < 1e-12
+
+
+# Triton 3.6's interpreter turns a loop bound computed from program_id into an int with int() of a
+# one-element array, which NumPy >= 2.4 refuses; this shim reads the element instead.
+INTERPRETER_SHIM = """
+import triton.runtime.interpreter as interpreter
+patch_tensor = interpreter._patch_lang_tensor
+def patched(tensor, scope):
+    patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+interpreter._patch_lang_tensor = patched
+"""
+
+INTERPRETER_CHECK = """
+import sys
+import torch
+sys.path.insert(0, "tests")  # conftest, which test_mamba imports
+from gpt import mamba
+from test_mamba import chunk_inputs, rel, scan_inputs
+assert mamba.use_triton(torch.zeros(1))  # CPU tensors take the kernels under the interpreter
+# Q = 80: two forward tiles of 64 and three backward tiles of 32, the last ones partial; Q = 24: one
+# partial tile; g < h and g = 1
+for shape in [dict(b=1, c=2, Q=80, g=2, r=2, P=8, N=16), dict(b=2, c=1, Q=24, g=1, r=3, P=16, N=32)]:
+    inputs = chunk_inputs(**shape, dtype=torch.float32)
+    y_ref = mamba.chunk_output(*inputs)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    y = mamba.ChunkOutput.apply(*inputs)
+    grads = torch.autograd.grad(y, inputs, dy)
+    assert rel(y, y_ref) < 1e-6, (shape, rel(y, y_ref))
+    for name, g, g_ref in zip(["a_cum", "C", "B", "xdt", "H"], grads, grads_ref):
+        assert rel(g, g_ref) < 1e-6, (shape, name, rel(g, g_ref))
+# the whole scan on the kernels, with a padded last chunk (T = 150, Q = 48), g < h and an initial
+# state, against the fp64 recurrence, values and gradients of every input
+inputs = [t.requires_grad_() for t in scan_inputs(b=1, T=150, h=4, P=8, g=2, N=16)]
+y_ref, s_ref = mamba.ssd_recurrent(*inputs[:5], inputs[5])
+dy, ds = torch.randn_like(y_ref), torch.randn_like(s_ref)
+grads_ref = torch.autograd.grad((y_ref * dy).sum() + (s_ref * ds).sum(), inputs)
+inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+y, s = mamba.ssd_chunked(*inputs32[:5], 48, inputs32[5])
+grads = torch.autograd.grad((y * dy.float()).sum() + (s * ds.float()).sum(), inputs32)
+assert rel(y.double(), y_ref) < 1e-5 and rel(s.double(), s_ref) < 1e-5, (rel(y.double(), y_ref), rel(s.double(), s_ref))
+# A's gradient sums d a_cum over every token of a head, with cancellation: the fp32 reference's is
+# off by 5e-6, the kernels' by 2e-5
+for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "h0"], grads, grads_ref):
+    assert rel(g.double(), g_ref) < (1e-4 if name == "A" else 1e-5), (name, rel(g.double(), g_ref))
+print("ok")
+"""
+
+
+def test_triton_kernels_under_interpreter():
+    """The Triton kernels of ChunkOutput, run on the CPU by Triton's interpreter (fp32: its bf16
+    tl.dot is broken), against the reference chunk_output: the output and all five gradients, then
+    the whole scan against the recurrence. TRITON_INTERPRET must be set before Triton is imported,
+    hence a fresh process."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETER_SHIM + INTERPRETER_CHECK], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+FP32_POINTERS = {"a_ptr", "dC_ptr", "dB_ptr", "da_ptr"}  # a_cum, its gradient, the group's gradient buffers
+
+
+@pytest.mark.parametrize("name", ["_chunk_output_fwd", "_chunk_output_bwd_rows", "_chunk_output_bwd_cols",
+                                  "_chunk_output_bwd_dh"])
+def test_triton_kernels_build_for_hopper_without_spills(name):
+    """Each kernel compiles for the H100 (sm_90a) in bf16 at the bench shape's configuration
+    (Q = 128, N = 128, P = 64) and keeps everything in registers (0 bytes spilled)."""
+    pytest.importorskip("triton")
+    kernel = getattr(mamba, name)
+    config = mamba.chunk_output_config(kernel, 128, 128, 64)
+    num_warps = config.pop("num_warps")
+    signature = {arg: ("*fp32" if arg in FP32_POINTERS else "*bf16") if arg.endswith("_ptr") else "i32"
+                 for arg in kernel.arg_names if arg not in config}
+    registers, spilled = hopper_build(kernel, signature, config, num_warps)
+    assert spilled == 0, (name, registers, spilled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +368,8 @@ def test_trains():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_compiled_bf16_matches_fp32_reference(fresh_compile):
-    """The path training uses on a GPU (torch.compile'd ssd_chunked under bf16 autocast, or
-    mamba-ssm's kernel when it imports) against the fp32 eager reference, scan and whole layer."""
+    """The path training uses on a GPU (torch.compile'd ssd_chunked, whose chunk_output runs as
+    ChunkOutput's Triton kernels, under bf16 autocast, or mamba-ssm's kernel when it imports) against the fp32 eager reference, scan and whole layer."""
     torch.manual_seed(0)
     x, dt, A, B, C, h0 = (t.cuda() for t in scan_inputs(b=2, T=300, h=8, P=64, g=1, N=128,
                                                            dtype=torch.float32))
@@ -277,3 +391,30 @@ def test_gpu_compiled_bf16_matches_fp32_reference(fresh_compile):
     assert rel(got.float(), ref) < 1e-2  # CPU eager bf16: 6.9e-3
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(b=2, c=3, Q=24, g=2, r=2, P=8, N=16),
+                                   dict(b=1, c=4, Q=80, g=2, r=3, P=64, N=64),
+                                   dict(b=2, c=64, Q=128, g=1, r=24, P=64, N=128)],  # the bench shape, T = 8192
+                         ids=["small", "Q80", "bench"])
+def test_gpu_chunk_output_kernels_match_reference(shape, dtype, full_fp32):
+    """ChunkOutput's Triton kernels on the GPU (the path ssd_chunked takes there) against the fp32
+    reference chunk_output on the same values: the output and all five gradients. fp32 multiplies
+    exactly in both; bf16 rounds the kernels' inputs to their tensor-core products."""
+    pytest.importorskip("triton")
+    inputs = chunk_inputs(**shape, dtype=dtype, device="cuda")
+    assert mamba.use_triton(inputs[3])
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    y_ref = chunk_output(*ref_inputs)  # (b, c, Q, g, r, P)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, dy)
+    y = mamba.ChunkOutput.apply(*inputs)
+    grads = torch.autograd.grad(y, inputs, dy.to(dtype))
+    assert y.dtype == dtype and all(g.dtype == t.dtype for g, t in zip(grads, inputs))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the bf16 reference on the CPU: 2.8e-3 to 3.7e-3
+    assert rel(y.float(), y_ref) < tol
+    for name, g, g_ref in zip(["a_cum", "C", "B", "xdt", "H"], grads, grads_ref):
+        assert rel(g.float(), g_ref) < tol, (name, rel(g.float(), g_ref))
