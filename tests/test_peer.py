@@ -1,12 +1,19 @@
 """PEER (gpt/peer.py): product-key retrieval against brute force, the layer against its spelled-out
-reference, a million-expert layer, and models using it (causality, KV-cache decoding, counting)."""
+reference, a million-expert layer, and models using it (causality, KV-cache decoding, counting);
+the Triton kernels of the experts' input dots under the interpreter, built for sm_90a, and on a GPU."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from conftest import assert_causal, tiny_config
+from conftest import ROOT, assert_causal, hopper_build, tiny_config
+from gpt import peer as peer_py
 from gpt.model import GPT
-from gpt.peer import PEER, all_key_scores, product_key_topk
+from gpt.peer import PEER, all_key_scores, expert_dots, expert_dots_reference, product_key_topk
 
 PEER_CFG = dict(ffn="peer", peer_keys=8, peer_key_sets=2, peer_key_dim=8, peer_heads=2, peer_topk=4)
 
@@ -121,3 +128,131 @@ def test_million_experts_bf16_on_gpu_match_reference(fresh_compile):
         _, loss = torch.compile(model)(idx, idx)
     loss.backward()
     assert torch.isfinite(loss) and model.blocks[1].ffn.w_out.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernels of the experts' input dots (peer.expert_dots)
+
+INTERPRETED = """
+import torch
+from gpt import peer as peer_py
+from gpt.peer import PEER, expert_dots, expert_dots_reference
+from tests.conftest import tiny_config
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+peer_py.DOTS_BLOCK_J, peer_py.DOTS_BLOCK_C = 4, 16  # J = 15 in 4 blocks, the last partial; C = 40 in 3
+M, h, k, C, N = 10, 3, 5, 40, 24  # 150 retrievals of 24 experts: every expert many times over
+x = torch.randn(M, C, requires_grad=True)
+w = torch.randn(N, C, requires_grad=True)
+ids = torch.randint(0, N, (M, h, k))
+ids[:, 1, 0] = ids[:, 0, 4]  # one expert twice in one block of one token (heads may share experts)
+ids[::2, 2, 3] = 7  # and in every other token
+assert peer_py._kernel_applies(x, w)  # the interpreter runs the kernels on CPU tensors
+out = expert_dots(x, ids, w)
+ref = expert_dots_reference(x, ids, w)
+g = torch.randn(M, h, k)
+gx, gw = torch.autograd.grad(out, (x, w), g)
+rx, rw = torch.autograd.grad(ref, (x, w), g)
+assert out.dtype == torch.float32 and out.shape == (M, h, k)
+torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+torch.testing.assert_close(gx, rx, rtol=1e-6, atol=1e-6)
+torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-6)
+
+# a bf16 input: the dot still in fp32, the gradient of x in bf16
+xb = x.detach().bfloat16().requires_grad_()
+outb = expert_dots(xb, ids, w)
+torch.testing.assert_close(outb, expert_dots_reference(xb, ids, w), rtol=1e-6, atol=1e-6)
+(gxb,) = torch.autograd.grad(outb, xb, g)
+assert gxb.dtype == torch.bfloat16
+torch.testing.assert_close(gxb, rx.bfloat16())
+
+# the layer through the kernels against the layer through the reference, and forward_reference
+layer = PEER(tiny_config(n_embd=40, ffn="peer", peer_keys=6, peer_key_sets=2, peer_key_dim=8,
+                         peer_heads=3, peer_topk=5, activation="relu2"))
+xs = torch.randn(2, 7, 40, requires_grad=True)
+params = (xs, layer.w_in, layer.w_out, layer.query.weight, layer.keys)
+y = layer(xs)
+grads = torch.autograd.grad(y.square().sum(), params)
+peer_py._kernel_applies = lambda x2, w_in: False
+y_ref = layer(xs)
+grads_ref = torch.autograd.grad(y_ref.square().sum(), params)
+torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+torch.testing.assert_close(y, layer.forward_reference(xs), rtol=1e-6, atol=1e-6)
+for a, b in zip(grads, grads_ref):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_expert_dots_kernels_under_interpreter_equal_reference():
+    """The forward and backward kernels, run on the CPU by Triton's interpreter (fp32; C and h·k not
+    multiples of the blocks, experts repeated within and across tokens): the dots and the gradients
+    of x and of the table equal autograd through the gather; the whole layer through them equals
+    the layer through the reference. In a fresh process: TRITON_INTERPRET is read at import."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("x_type", ["*fp32", "*bf16"])
+def test_expert_dots_kernels_build_for_hopper_without_spills(x_type):
+    """The GPU configuration (DOTS_BLOCK_J, DOTS_BLOCK_C, DOTS_WARPS) at the bench shape (h·k = 128,
+    C = 768), built for sm_90a: no spills. As of triton 3.6, with fp32 x: forward 78 registers a
+    thread, backward 76 (16-byte loads of the rows, 16-byte fp32 atomic adds)."""
+    pytest.importorskip("triton")
+    consts = {"J": 128, "C": 768, "BLOCK_J": peer_py.DOTS_BLOCK_J, "BLOCK_C": peer_py.DOTS_BLOCK_C}
+    fwd = {"x_ptr": x_type, "ids_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*fp32"}
+    bwd = {"x_ptr": x_type, "ids_ptr": "*i64", "w_ptr": "*fp32", "g_ptr": "*fp32", "gx_ptr": x_type,
+           "gw_ptr": "*fp32"}
+    for kernel, signature in ((peer_py._dots_fwd_kernel, fwd), (peer_py._dots_bwd_kernel, bwd)):
+        registers, spilled = hopper_build(kernel, signature, consts, num_warps=peer_py.DOTS_WARPS,
+                                          aligned=tuple(signature))
+        print(f"{kernel.fn.__name__} x {x_type}: {registers} registers, {spilled} bytes spilled")
+        assert spilled == 0 and registers <= 128, (registers, spilled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_expert_dots_kernels_match_reference_on_gpu(full_fp32, fresh_compile):
+    """The bench's PEER layer (1024² experts, C = 768, 8 heads x top 16) on 2048 tokens under bf16
+    autocast, as the model trains: the dots alone, eager and compiled (whole graph), against the
+    gather; then the layer through the kernels against forward_reference (fp32 dots too), output
+    and gradients. (The compiled model of test_million_experts_bf16_on_gpu runs them too.)"""
+    torch.manual_seed(0)
+    layer = PEER(tiny_config(n_embd=768, n_head=12, ffn="peer", peer_keys=1024, peer_key_sets=2,
+                             peer_key_dim=128, peer_heads=8, peer_topk=16)).cuda()
+    x = torch.randn(2, 1024, 768, device="cuda", requires_grad=True)  # fp32, as the norm gives it under autocast
+    assert peer_py._kernel_applies(x, layer.w_in)
+
+    x2 = x.detach().view(-1, 768).requires_grad_()
+    ids = torch.randint(0, layer.n_expert, (2048, 8, 16), device="cuda")
+    ids[:, 1:3] = ids[:, :1]  # hot experts: heads 0-2 of a token share theirs
+    ids[::4, :, 0] = 12345  # and a quarter of the tokens share one
+    g = torch.randn(2048, 8, 16, device="cuda")
+    dots = []
+    for fn in (expert_dots, torch.compile(expert_dots, fullgraph=True), expert_dots_reference):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(x2, ids, layer.w_in)
+        dots.append((out.detach(), *torch.autograd.grad(out, (x2, layer.w_in), g)))
+    for kernel in dots[:2]:  # eager and compiled (Dynamo takes the kernels as user-defined Triton kernels)
+        for name, a, b in zip(("dots", "x", "w_in"), kernel, dots[2]):
+            # by norm: the hot row sums 4096 terms in another order (atomics), cancelling to near 0 in places
+            assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+
+    params = (x, layer.w_in, layer.w_out, layer.query.weight, layer.keys)
+    dy = torch.randn(2, 1024, 768, device="cuda")
+
+    def run(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x)
+        return (y.detach(), *torch.autograd.grad(y, params, dy))
+
+    # eager only: Inductor's rounding in the query path could swap a boundary expert of a few tokens
+    for name, a, b in zip(("y", "x", "w_in", "w_out", "query", "keys"), run(layer), run(layer.forward_reference)):
+        assert _rel_err(a, b) < 1e-4, (name, _rel_err(a, b))
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
