@@ -19,7 +19,8 @@ logits ever exists; backward just scales the stored gradients by the incoming on
 
 Between the chunk's two matmuls sits the elementwise middle, `_ce_rows`: per row the loss term
 lse - z_y and the gradient softmax(z) - onehot(y), both zero for ignored rows. Its reference is
-plain PyTorch in fp32 (CPU, fp64, no Triton). On CUDA with Triton it is one kernel, `_ce_kernel`:
+plain PyTorch in fp32 (CPU, fp64, no Triton). On CUDA with Triton, and GPT_TRITON=1 in the
+environment (opt-in until it has run on a GPU: see the end), it is one kernel, `_ce_kernel`:
 one program per row, blocks of CE_BLOCK columns; pass 1 reads the row for an online logsumexp
 (running max m and sum s of exp(z - m), rescaled as m grows), pass 2 reads it again and writes the
 gradient over the logits, in the matmul's dtype. Bytes through memory per logit of a bf16 chunk:
@@ -53,6 +54,10 @@ CHUNK_ELEMENTS = 2 ** 27  # logits per chunk (128M: 256 MB in bf16): GPT-2's voc
 CE_BLOCK, CE_WARPS = 4096, 8  # _ce_kernel's columns per block and warps per row: 16 logits a thread
 # Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported) runs the kernel on CPU tensors
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The Triton kernels serve CUDA tensors only when TRITON is set (environment: GPT_TRITON=1): they
+# are checked on the CPU (interpreter, sm_90a build) but have not yet run on a GPU, where the
+# PyTorch path, measured there, stays the default until they have.
+TRITON = os.environ.get("GPT_TRITON") == "1"
 
 
 def cross_entropy(logits, targets):
@@ -133,7 +138,7 @@ def _ce_rows_triton(z, targets, grad):
 
 def _kernel_applies(z):
     """The kernel serves CUDA logits (CPU ones under the interpreter) in fp32, bf16 or fp16."""
-    return (triton is not None and (z.is_cuda or _INTERPRET) and z.stride(-1) == 1
+    return (triton is not None and ((TRITON and z.is_cuda) or _INTERPRET) and z.stride(-1) == 1
             and z.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 

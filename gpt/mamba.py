@@ -22,8 +22,9 @@ Paths. Reference: `ssd_recurrent` (token by token, the tests' oracle) and `ssd_c
 PyTorch without data-dependent Python control flow, so torch.compile traces it whole). Its last step,
 each token's output from its chunk (`chunk_output`: the Q x Q decay-masked product and the state
 entering the chunk), runs on a GPU as the Triton kernels of `ChunkOutput` (forward and backward),
-which keep the Q x Q blocks in registers; on a CPU it runs the reference (torch.compile leaves the
-kernels outside its graph: a graph break). The kernels are verified on the CPU by Triton's
+which keep the Q x Q blocks in registers, when GPT_TRITON=1 is set (opt-in until they have run on
+a GPU); elsewhere it runs the reference (torch.compile leaves the kernels outside its graph: a
+graph break). The kernels are verified on the CPU by Triton's
 interpreter (fp32, against the reference: output, gradients, the whole scan) and by building them
 for the H100 (sm_90a, bf16, no register spills); they have NOT yet run on a GPU, so neither their
 correctness there nor their speed is measured. `ssd()` picks the Triton kernel
@@ -191,11 +192,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
 # in a run-dependent order, so they are not bitwise reproducible.
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the kernels take CPU tensors
+# The Triton kernels serve CUDA tensors only when TRITON is set (environment: GPT_TRITON=1): they
+# are checked on the CPU (interpreter, sm_90a build) but have not yet run on a GPU, where the
+# PyTorch path, measured there, stays the default until they have.
+TRITON = os.environ.get("GPT_TRITON") == "1"
 
 
 def use_triton(x):
-    """The Triton kernels run where Triton does: on a CUDA tensor, or anywhere under the interpreter."""
-    return triton is not None and (x.is_cuda or INTERPRET)
+    """The Triton kernels run on a CUDA tensor when TRITON is set, and anywhere under the interpreter."""
+    return triton is not None and ((TRITON and x.is_cuda) or INTERPRET)
 
 
 if triton is not None:

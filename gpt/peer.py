@@ -26,8 +26,9 @@ while the learnable keys set how sharp the softmax is.
 
 The experts' input dots without the gather. Each token m needs a_pre[m, j] = u_{ids[m, j]} · x_m for
 its J = h·k retrievals. The reference (`expert_dots_reference`, plain PyTorch, the CPU path) gathers
-the rows whole, u = w_in[ids] (M, h, k, C), then dots them. On CUDA with Triton, `expert_dots` runs
-two kernels instead (`ExpertDots`): forward, one program per (token, BLOCK_J retrievals) reads x_m
+the rows whole, u = w_in[ids] (M, h, k, C), then dots them. On CUDA with Triton and GPT_TRITON=1
+(opt-in until they have run on a GPU), `expert_dots` runs two kernels instead (`ExpertDots`):
+forward, one program per (token, BLOCK_J retrievals) reads x_m
 and the rows block by block over C and accumulates the dots in fp32; backward, one program per
 (token, BLOCK_C columns) reads the rows again for dL/dx_m = sum_j g[m, j] u_{ids[m, j]} and adds
 g[m, j] x_m into dL/dw_in[ids[m, j]] by fp32 atomic adds (experts repeat across tokens and heads;
@@ -71,6 +72,10 @@ except ImportError:  # the PyTorch reference serves
 DOTS_BLOCK_J, DOTS_BLOCK_C, DOTS_WARPS = 16, 256, 4
 # Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported) runs the kernels on CPU tensors
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The Triton kernels serve CUDA tensors only when TRITON is set (environment: GPT_TRITON=1): they
+# are checked on the CPU (interpreter, sm_90a build) but have not yet run on a GPU, where the
+# PyTorch path, measured there, stays the default until they have.
+TRITON = os.environ.get("GPT_TRITON") == "1"
 
 
 def product_key_topk(q, keys, k):
@@ -184,7 +189,7 @@ class ExpertDots(torch.autograd.Function):
 def _kernel_applies(x2, w_in):
     """The kernels serve CUDA tensors (CPU ones under the interpreter), an fp32 table and x in fp32,
     bf16 or fp16; not when deterministic algorithms are asked for (atomics sum the table's gradient)."""
-    return (triton is not None and (x2.is_cuda or _INTERPRET) and w_in.dtype == torch.float32
+    return (triton is not None and ((TRITON and x2.is_cuda) or _INTERPRET) and w_in.dtype == torch.float32
             and x2.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not torch.are_deterministic_algorithms_enabled())
 

@@ -91,6 +91,15 @@ def fresh_compile():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """The Triton kernels of loss.py, mamba.py and peer.py switched on for CUDA tensors, as
+    GPT_TRITON=1 does (they are opt-in until they have run on a GPU)."""
+    from gpt import loss, mamba, peer
+    for module in (loss, mamba, peer):
+        monkeypatch.setattr(module, "TRITON", True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bench/gpu_check.sh runs `pytest -m gpu`)")
 

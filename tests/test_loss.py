@@ -66,8 +66,11 @@ def test_model_fused_loss_matches_full(tie):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fused_loss_compiled_bf16_matches_full_on_gpu(fresh_compile):
-    """torch.compile through the autograd.Function, bf16 autocast, GPT-2's vocabulary (2 chunks)."""
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "triton"])
+def test_fused_loss_compiled_bf16_matches_full_on_gpu(kernel, fresh_compile, monkeypatch):
+    """torch.compile through the autograd.Function, bf16 autocast, GPT-2's vocabulary (2 chunks),
+    with the chunk's middle in PyTorch and as the Triton kernel."""
+    monkeypatch.setattr(loss_py, "TRITON", kernel)
     idx = torch.randint(0, 50257, (4, 1024), device="cuda")
     out = {}
     for kind in ("full", "fused"):
@@ -164,7 +167,7 @@ def test_kernel_builds_for_hopper_without_spills(grad):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_path_matches_reference_path_on_gpu(dtype, full_fp32, monkeypatch):
+def test_kernel_path_matches_reference_path_on_gpu(dtype, full_fp32, triton_kernels, monkeypatch):
     """GPT-2's shape (2 chunks of 4096 positions, C = 768, V = 50304), some targets ignored: the
     fused loss through the kernel against the same loop through the PyTorch reference."""
     N, C, V = 4096, 768, 50304

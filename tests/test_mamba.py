@@ -369,9 +369,12 @@ def test_trains():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_compiled_bf16_matches_fp32_reference(fresh_compile):
-    """The path training uses on a GPU (torch.compile'd ssd_chunked, whose chunk_output runs as
-    ChunkOutput's Triton kernels, under bf16 autocast, or mamba-ssm's kernel when it imports) against the fp32 eager reference, scan and whole layer."""
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
+def test_gpu_compiled_bf16_matches_fp32_reference(kernels, fresh_compile, monkeypatch):
+    """The path training uses on a GPU (torch.compile'd ssd_chunked under bf16 autocast, its
+    chunk_output in PyTorch or as ChunkOutput's Triton kernels; mamba-ssm's kernel when it imports)
+    against the fp32 eager reference, scan and whole layer."""
+    monkeypatch.setattr(mamba, "TRITON", kernels)
     torch.manual_seed(0)
     x, dt, A, B, C, h0 = (t.cuda() for t in scan_inputs(b=2, T=300, h=8, P=64, g=1, N=128,
                                                            dtype=torch.float32))
@@ -402,7 +405,7 @@ def test_gpu_compiled_bf16_matches_fp32_reference(fresh_compile):
                                    dict(b=1, c=4, Q=80, g=2, r=3, P=64, N=64),
                                    dict(b=2, c=64, Q=128, g=1, r=24, P=64, N=128)],  # the bench shape, T = 8192
                          ids=["small", "Q80", "bench"])
-def test_gpu_chunk_output_kernels_match_reference(shape, dtype, full_fp32):
+def test_gpu_chunk_output_kernels_match_reference(shape, dtype, full_fp32, triton_kernels):
     """ChunkOutput's Triton kernels on the GPU (the path ssd_chunked takes there) against the fp32
     reference chunk_output on the same values: the output and all five gradients. fp32 multiplies
     exactly in both; bf16 rounds the kernels' inputs to their tensor-core products."""

@@ -111,9 +111,12 @@ def test_active_params_closed_form():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_million_experts_bf16_on_gpu_match_reference(fresh_compile):
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
+def test_million_experts_bf16_on_gpu_match_reference(kernels, fresh_compile, monkeypatch):
     """On the GPU under bf16 autocast: forward (embedding_bag) equals the spelled-out reference, and
-    a compiled training step of a model with a 1M-expert layer runs."""
+    a compiled training step of a model with a 1M-expert layer runs; expert dots in PyTorch and as
+    the Triton kernels."""
+    monkeypatch.setattr(peer_py, "TRITON", kernels)
     torch.manual_seed(0)
     cfg = tiny_config(n_embd=64, ffn="peer", peer_keys=1024, peer_key_dim=32, peer_heads=4, peer_topk=8)
     layer = PEER(cfg).cuda()
@@ -215,7 +218,7 @@ def test_expert_dots_kernels_build_for_hopper_without_spills(x_type):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_expert_dots_kernels_match_reference_on_gpu(full_fp32, fresh_compile):
+def test_expert_dots_kernels_match_reference_on_gpu(full_fp32, fresh_compile, triton_kernels):
     """The bench's PEER layer (1024² experts, C = 768, 8 heads x top 16) on 2048 tokens under bf16
     autocast, as the model trains: the dots alone, eager and compiled (whole graph), against the
     gather; then the layer through the kernels against forward_reference (fp32 dots too), output
