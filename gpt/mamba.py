@@ -22,12 +22,13 @@ Paths. Reference: `ssd_recurrent` (token by token, the tests' oracle) and `ssd_c
 PyTorch without data-dependent Python control flow, so torch.compile traces it whole). Its last step,
 each token's output from its chunk (`chunk_output`: the Q x Q decay-masked product and the state
 entering the chunk), runs on a GPU as the Triton kernels of `ChunkOutput` (forward and backward),
-which keep the Q x Q blocks in registers, when GPT_TRITON=1 is set (opt-in until they have run on
-a GPU); elsewhere it runs the reference (torch.compile leaves the kernels outside its graph: a
-graph break). The kernels are verified on the CPU by Triton's
-interpreter (fp32, against the reference: output, gradients, the whole scan) and by building them
-for the H100 (sm_90a, bf16, no register spills); they have NOT yet run on a GPU, so neither their
-correctness there nor their speed is measured. `ssd()` picks the Triton kernel
+which keep the Q x Q blocks in registers, when GPT_TRITON=1 is set (opt-in until their speed is
+measured); elsewhere it runs the reference (torch.compile leaves the kernels outside its graph: a
+graph break). The kernels are verified on the CPU by Triton's interpreter (fp32, against the
+reference: output, gradients, the whole scan) and by building them for the H100 (sm_90a, bf16, no
+register spills), and on an H100 (2026-12-07) they equal the reference, output and all five
+gradients, in fp32 and bf16 at three shapes, the bench's included. NOT yet run there: a compiled
+model through them, and any timing. `ssd()` picks the Triton kernel
 `mamba_chunk_scan_combined` of `mamba-ssm` on a GPU when it imports, and the conv uses
 `causal_conv1d_fn` of `causal-conv1d` when that imports; neither installs on our machines (mamba-ssm
 needs its compiled CUDA extension), so both branches are unverified here. fla-core's scalar-decay
@@ -192,9 +193,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
 # in a run-dependent order, so they are not bitwise reproducible.
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the kernels take CPU tensors
-# The Triton kernels serve CUDA tensors only when TRITON is set (environment: GPT_TRITON=1): they
-# are checked on the CPU (interpreter, sm_90a build) but have not yet run on a GPU, where the
-# PyTorch path, measured there, stays the default until they have.
+# The Triton kernels serve CUDA tensors only when TRITON is set (environment: GPT_TRITON=1). On the
+# H100 they equal the reference (tests/test_mamba.py, 2026-12-07: fp32 and bf16, the bench shape
+# included), but the compiled model through them and their speed are not measured yet, so the
+# compiled PyTorch path stays the default.
 TRITON = os.environ.get("GPT_TRITON") == "1"
 
 
