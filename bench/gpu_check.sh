@@ -4,7 +4,8 @@
 # summary comes last.
 #
 #   bash bench/gpu_check.sh                  # all parts: pytest bench train bpe
-#   bash bench/gpu_check.sh pytest bpe       # only some parts (pytest, bench, train, bpe)
+#   bash bench/gpu_check.sh pytest bpe       # only some parts (pytest, bench, train, bpe, and
+#                                            # modflops, kernels, which the default leaves out)
 #
 # Needs: python3 with torch (CUDA), numpy, tqdm, matplotlib, tiktoken; pytest for the tests
 # (carried wheels on PYTHONPATH); tiny shakespeare as text at $DATA_TXT or one of the paths below.
@@ -120,6 +121,29 @@ if [[ $PARTS == *" bpe "* && -n "$TXT" ]]; then
   step sample-linear 30 $PY sampling.py --out_dir out/gpu-bpe-linear --num-samples 1 --max-new-tokens 200
 fi
 
+# --- MoD against dense at equal training FLOPs at the GPT-2-124M shape (issue 7) ----------------------
+# Corpus: the .py files of the Python standard library beside the interpreter (no download; ~10M GPT-2
+# tokens in its first 23.5 MB). Dense 500 steps of 12 x 1024 tokens; MoD (capacity 0.125 on every other
+# block, 0.676x the FLOPs per token) 740 steps, the same training FLOPs; one plot against FLOPs.
+if [[ $PARTS == *" modflops "* ]]; then
+  STDLIB=$($PY -c "import os, sysconfig; print(sysconfig.get_paths()['stdlib'])")
+  find "$STDLIB" -name "*.py" -not -path "*/site-packages/*" | sort | xargs cat 2>/dev/null | head -c 23500000 > "$LOGS/stdlib.txt"
+  step data-stdlib 90 $PY data/data.py --input "$LOGS/stdlib.txt" --name pystdlib_gpt2 --tokenizer gpt2 --val-frac 0.06
+  G7="--preset gpt2-124m --dataset pystdlib_gpt2 --grad_accum 1 --warmup_iters 50 --eval_iters 10"
+  run gpt2-dense 150 $G7 --max_iters 500 --eval_interval 50 --save_interval 500
+  run gpt2-mod 200 $G7 --max_iters 740 --eval_interval 74 --save_interval 740 --mod_every 2 --mod_capacity 0.125
+  $PY -m gpt.plot "$OUT/gpt2_mod_vs_dense_flops.png" dense=out/gpu-gpt2-dense mod=out/gpu-gpt2-mod --x flops \
+    --title "GPT-2-124M shape: MoD vs dense at equal training FLOPs" >> "$LOGS/modflops.log" 2>&1
+fi
+
+# --- the opt-in Triton kernels (GPT_TRITON=1) against PyTorch's path, same rows, same call -----------
+if [[ $PARTS == *" kernels "* ]]; then
+  step kernels-torch 150 $PY bench.py --no-decode --steps 15 --warmup 3 --rows ctx8k-samba,gpt2-fused-ce \
+    --json "$OUT/kernels_torch.json" ${BENCH_ARGS:-}
+  step kernels-triton 150 env GPT_TRITON=1 $PY bench.py --no-decode --steps 15 --warmup 3 \
+    --rows ctx8k-samba,gpt2-fused-ce --json "$OUT/kernels_triton.json" ${BENCH_ARGS:-}
+fi
+
 # --- speed table -----------------------------------------------------------------------------------
 if [[ $PARTS == *" bench "* ]]; then
   step bench 200 $PY bench.py ${BENCH_ARGS:-} --json "$OUT/bench.json" --budget-s "${BENCH_BUDGET:-150}"
@@ -171,6 +195,10 @@ tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
   printf '%s\n' "${SUMMARY[@]}"
   [ -f "$LOGS/pytest.log" ] && echo "pytest: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/pytest.log" | tail -1)"
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+  for k in kernels-torch kernels-triton; do
+    [ -f "$LOGS/$k.log" ] && { echo "--- $k"; sed -n '/^| row/,$p' "$LOGS/$k.log"; }
+  done
+  [ -f "$LOGS/modflops.log" ] && cat "$LOGS/modflops.log"
   cat "$LOGS/summary_runs.txt"
   [ -f "$LOGS/sample.log" ] && { echo "--- sample from out/gpu-baseline"; tail -c 700 "$LOGS/sample.log"; }
 } | tee "$OUT/summary.txt"
