@@ -98,11 +98,12 @@ fi
 
 # --- GPU tests of every concept --------------------------------------------------------------------
 # SIGINT first, so that pytest still prints its summary; pytest-timeout (when installed) dumps the
-# stack of a test that runs past PYTEST_TIMEOUT seconds.
+# stack of a test that runs past PYTEST_TIMEOUT seconds; log_level keeps torch.compile's DEBUG trace
+# lines, which pytest would print with a failure, from burying its report (seen 2026-12-08).
 if [[ $PARTS == *" pytest "* ]]; then
   PT_TIMEOUT=()
   $PY -c "import pytest_timeout" 2>/dev/null && PT_TIMEOUT=(--timeout "${PYTEST_TIMEOUT:-90}")
-  step pytest "${PYTEST_LIMIT:-240}" $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=15 \
+  step pytest "${PYTEST_LIMIT:-240}" $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=15 -o log_level=WARNING \
     "${PT_TIMEOUT[@]}" --ignore=tests/test_notebooks.py  # rc 5: no GPU test was collected
 fi
 
