@@ -213,6 +213,24 @@ if triton is not None:
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
 
+    # The tiles the kernels read, one chunk at a time. Contiguous layouts: a_cum (b·c, h, Q);
+    # B, C (b·c, Q, g, N); xdt, dy (b·c, Q, h, P); H (b·c, h, P, N).
+
+    @triton.jit
+    def _a_rows(a_ptr, chunk, head, h, Q, rows):
+        """a_cum of one chunk and head at tokens rows (len(rows),); 0 beyond Q."""
+        return tl.load(a_ptr + (chunk * h + head) * Q + rows, mask=rows < Q, other=0.0)
+
+    @triton.jit
+    def _group_rows(ptr, chunk, grp, g, Q, N, rows, n):
+        """B or C of one chunk and group at tokens rows: (len(rows), len(n))."""
+        return _load_rows(ptr + (chunk * Q * g + grp) * N, rows, n, Q, N, g * N)
+
+    @triton.jit
+    def _head_rows(ptr, chunk, head, h, Q, P, rows, p):
+        """xdt or dy of one chunk and head at tokens rows: (len(rows), len(p))."""
+        return _load_rows(ptr + (chunk * Q * h + head) * P, rows, p, Q, P, h * P)
+
     @triton.jit
     def _decay(a_l, a_s, l, s, Q):
         """L on a tile, from rows l and columns s broadcast against each other (either way round):
@@ -228,15 +246,15 @@ if triton is not None:
         grp = head // (h // g)
         l = tile * BQ + tl.arange(0, BQ)  # (BQ,)
         n, p = tl.arange(0, BN), tl.arange(0, BP)
-        a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
-        C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
+        a_l = _a_rows(a_ptr, chunk, head, h, Q, l)  # (BQ,)
+        C_l = _group_rows(C_ptr, chunk, grp, g, Q, N, l, n)  # (BQ, BN)
         H = _load_rows(H_ptr + (chunk * h + head) * P * N, p, n, P, N, N)  # (BP, BN)
         y = tl.dot(C_l, tl.trans(H), input_precision="ieee") * tl.exp(a_l)[:, None]  # (BQ, BP)
         for s0 in range(0, (tile + 1) * BQ, BQ):
             s = s0 + tl.arange(0, BQ)  # (BQ,)
-            a_s = tl.load(a_ptr + (chunk * h + head) * Q + s, mask=s < Q, other=0.0)  # (BQ,)
-            B_s = _load_rows(B_ptr + (chunk * Q * g + grp) * N, s, n, Q, N, g * N)  # (BQ, BN)
-            x_s = _load_rows(x_ptr + (chunk * Q * h + head) * P, s, p, Q, P, h * P)  # (BQ, BP)
+            a_s = _a_rows(a_ptr, chunk, head, h, Q, s)  # (BQ,)
+            B_s = _group_rows(B_ptr, chunk, grp, g, Q, N, s, n)  # (BQ, BN)
+            x_s = _head_rows(x_ptr, chunk, head, h, Q, P, s, p)  # (BQ, BP)
             CB = tl.dot(C_l, tl.trans(B_s), input_precision="ieee")  # (BQ, BQ)
             M = CB * _decay(a_l[:, None], a_s[None, :], l[:, None], s[None, :], Q)  # (BQ, BQ)
             y += tl.dot(M.to(x_s.dtype), x_s, input_precision="ieee")  # (BQ, BP)
@@ -254,19 +272,19 @@ if triton is not None:
         grp = head // (h // g)
         l = tile * BQ + tl.arange(0, BQ)  # (BQ,)
         n, p = tl.arange(0, BN), tl.arange(0, BP)
-        a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
+        a_l = _a_rows(a_ptr, chunk, head, h, Q, l)  # (BQ,)
         e_l = tl.exp(a_l)  # (BQ,)
-        C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
-        dy_l = _load_rows(dy_ptr + (chunk * Q * h + head) * P, l, p, Q, P, h * P)  # (BQ, BP)
+        C_l = _group_rows(C_ptr, chunk, grp, g, Q, N, l, n)  # (BQ, BN)
+        dy_l = _head_rows(dy_ptr, chunk, head, h, Q, P, l, p)  # (BQ, BP)
         H = _load_rows(H_ptr + (chunk * h + head) * P * N, p, n, P, N, N)  # (BP, BN)
         dC = tl.dot(dy_l, H, input_precision="ieee") * e_l[:, None]  # (BQ, BN)
         CH = tl.dot(C_l, tl.trans(H), input_precision="ieee")  # (BQ, BP)
         da = tl.sum(dy_l.to(tl.float32) * CH, axis=1) * e_l  # (BQ,)
         for s0 in range(0, (tile + 1) * BQ, BQ):
             s = s0 + tl.arange(0, BQ)  # (BQ,)
-            a_s = tl.load(a_ptr + (chunk * h + head) * Q + s, mask=s < Q, other=0.0)  # (BQ,)
-            B_s = _load_rows(B_ptr + (chunk * Q * g + grp) * N, s, n, Q, N, g * N)  # (BQ, BN)
-            x_s = _load_rows(x_ptr + (chunk * Q * h + head) * P, s, p, Q, P, h * P)  # (BQ, BP)
+            a_s = _a_rows(a_ptr, chunk, head, h, Q, s)  # (BQ,)
+            B_s = _group_rows(B_ptr, chunk, grp, g, Q, N, s, n)  # (BQ, BN)
+            x_s = _head_rows(x_ptr, chunk, head, h, Q, P, s, p)  # (BQ, BP)
             CB = tl.dot(C_l, tl.trans(B_s), input_precision="ieee")  # (BQ, BQ)
             dM = tl.dot(dy_l, tl.trans(x_s), input_precision="ieee")  # (BQ, BQ)
             dCB = dM * _decay(a_l[:, None], a_s[None, :], l[:, None], s[None, :], Q)  # (BQ, BQ)
@@ -285,17 +303,17 @@ if triton is not None:
         grp = head // (h // g)
         s = tile * BQ + tl.arange(0, BQ)  # (BQ,)
         n, p = tl.arange(0, BN), tl.arange(0, BP)
-        a_s = tl.load(a_ptr + (chunk * h + head) * Q + s, mask=s < Q, other=0.0)  # (BQ,)
-        B_s = _load_rows(B_ptr + (chunk * Q * g + grp) * N, s, n, Q, N, g * N)  # (BQ, BN)
-        x_s = _load_rows(x_ptr + (chunk * Q * h + head) * P, s, p, Q, P, h * P)  # (BQ, BP)
+        a_s = _a_rows(a_ptr, chunk, head, h, Q, s)  # (BQ,)
+        B_s = _group_rows(B_ptr, chunk, grp, g, Q, N, s, n)  # (BQ, BN)
+        x_s = _head_rows(x_ptr, chunk, head, h, Q, P, s, p)  # (BQ, BP)
         dx = tl.zeros((BQ, BP), dtype=tl.float32)
         dB = tl.zeros((BQ, BN), dtype=tl.float32)
         da = tl.zeros((BQ,), dtype=tl.float32)
         for l0 in range(tile * BQ, Q, BQ):
             l = l0 + tl.arange(0, BQ)  # (BQ,)
-            a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
-            C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
-            dy_l = _load_rows(dy_ptr + (chunk * Q * h + head) * P, l, p, Q, P, h * P)  # (BQ, BP)
+            a_l = _a_rows(a_ptr, chunk, head, h, Q, l)  # (BQ,)
+            C_l = _group_rows(C_ptr, chunk, grp, g, Q, N, l, n)  # (BQ, BN)
+            dy_l = _head_rows(dy_ptr, chunk, head, h, Q, P, l, p)  # (BQ, BP)
             Lt = _decay(a_l[None, :], a_s[:, None], l[None, :], s[:, None], Q)  # (BQ, BQ): L transposed, [s, l]
             Mt = tl.dot(B_s, tl.trans(C_l), input_precision="ieee") * Lt  # (BQ, BQ)
             dx += tl.dot(Mt.to(dy_l.dtype), dy_l, input_precision="ieee")  # (BQ, BP)
@@ -319,9 +337,9 @@ if triton is not None:
         dH = tl.zeros((BP, BN), dtype=tl.float32)
         for l0 in range(0, Q, BQ):
             l = l0 + tl.arange(0, BQ)  # (BQ,)
-            a_l = tl.load(a_ptr + (chunk * h + head) * Q + l, mask=l < Q, other=0.0)  # (BQ,)
-            C_l = _load_rows(C_ptr + (chunk * Q * g + grp) * N, l, n, Q, N, g * N)  # (BQ, BN)
-            dy_l = _load_rows(dy_ptr + (chunk * Q * h + head) * P, l, p, Q, P, h * P)  # (BQ, BP)
+            a_l = _a_rows(a_ptr, chunk, head, h, Q, l)  # (BQ,)
+            C_l = _group_rows(C_ptr, chunk, grp, g, Q, N, l, n)  # (BQ, BN)
+            dy_l = _head_rows(dy_ptr, chunk, head, h, Q, P, l, p)  # (BQ, BP)
             dy_l = (dy_l.to(tl.float32) * tl.exp(a_l)[:, None]).to(C_l.dtype)  # (BQ, BP)
             dH += tl.dot(tl.trans(dy_l), C_l, input_precision="ieee")  # (BP, BN)
         tl.store(dH_ptr + (chunk * h + head) * P * N + p[:, None] * N + n[None, :],
