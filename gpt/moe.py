@@ -21,8 +21,9 @@ No token is ever dropped (dropless): every token gets its k experts whatever the
 the (token, slot) pairs by expert (a counting sort, the counts being known) so that each expert's
 tokens are one contiguous block; on a CUDA GPU in bf16 the blocks go through one grouped GEMM
 (`torch._grouped_mm`, offsets = cumulative counts, int32), elsewhere through a plain loop over
-experts, the reference path (it reads the counts on the host, so it syncs). Tokens routed to each expert are counted in `stats["expert_counts"]`
-(logged to log.jsonl) and drawn as a layer × expert heat map by `save_usage_heatmaps`.
+experts, the reference path (it reads the counts on the host, so it syncs). Tokens routed to each
+expert are counted in `stats["expert_counts"]` (logged to log.jsonl) and drawn as a layer × expert
+heat map by `save_usage_heatmaps`.
 
 Mixture of attention heads (`MoA`): E attention experts, each a group of query heads with its own
 query and output projections; one key/value projection is shared by all, so the KV cache is that of

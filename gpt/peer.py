@@ -28,8 +28,8 @@ The experts' input dots without the gather. Each token m needs a_pre[m, j] = u_{
 its J = h·k retrievals. The reference (`expert_dots_reference`, plain PyTorch, the CPU path) gathers
 the rows whole, u = w_in[ids] (M, h, k, C), then dots them. With `TRITON` set (off, see below),
 `expert_dots` runs two kernels instead (`ExpertDots`): forward, one program per (token, BLOCK_J
-retrievals) reads x_m and the rows block by block over C and accumulates the dots in fp32; backward, one program per
-(token, BLOCK_C columns) reads the rows again for dL/dx_m = sum_j g[m, j] u_{ids[m, j]} and adds
+retrievals) reads x_m and the rows block by block over C and accumulates the dots in fp32;
+backward, one program per (token, BLOCK_C columns) reads the rows again for dL/dx_m = sum_j g[m, j] u_{ids[m, j]} and adds
 g[m, j] x_m into dL/dw_in[ids[m, j]] by fp32 atomic adds (experts repeat across tokens and heads;
 the adds commute up to rounding, so the table's gradient is not bitwise reproducible: the reference
 serves when deterministic algorithms are asked for). Both paths dot in fp32 (the table's dtype),
