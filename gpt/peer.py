@@ -29,12 +29,13 @@ its J = h·k retrievals. The reference (`expert_dots_reference`, plain PyTorch, 
 the rows whole, u = w_in[ids] (M, h, k, C), then dots them. With `TRITON` set (off, see below),
 `expert_dots` runs two kernels instead (`ExpertDots`): forward, one program per (token, BLOCK_J
 retrievals) reads x_m and the rows block by block over C and accumulates the dots in fp32;
-backward, one program per (token, BLOCK_C columns) reads the rows again for dL/dx_m = sum_j g[m, j] u_{ids[m, j]} and adds
-g[m, j] x_m into dL/dw_in[ids[m, j]] by fp32 atomic adds (experts repeat across tokens and heads;
-the adds commute up to rounding, so the table's gradient is not bitwise reproducible: the reference
-serves when deterministic algorithms are asked for). Both paths dot in fp32 (the table's dtype),
-autocast or not. At the bench row's shape (M = 12288 tokens, J = 128, C = 768, fp32 rows) one pass
-over the retrieved rows is M·J·C·4 B = 4.83 GB, and a step moves through HBM
+backward, one program per (token, BLOCK_C columns) reads the rows again for
+dL/dx_m = sum_j g[m, j] u_{ids[m, j]} and adds g[m, j] x_m into dL/dw_in[ids[m, j]] by fp32 atomic
+adds (experts repeat across tokens and heads; the adds commute up to rounding, so the table's
+gradient is not bitwise reproducible: the reference serves when deterministic algorithms are asked
+for). Both paths dot in fp32 (the table's dtype), autocast or not. At the bench row's shape
+(M = 12288 tokens, J = 128, C = 768, fp32 rows) one pass over the retrieved rows is M·J·C·4 B =
+4.83 GB, and a step moves through HBM
 
     reference:  forward   read rows, write u, read u                            3 x 4.83 = 14.5 GB
                 backward  write dL/du, read u (for dL/dx), read dL/du,
