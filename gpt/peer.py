@@ -26,7 +26,7 @@ while the learnable keys set how sharp the softmax is.
 
 The experts' input dots without the gather. Each token m needs a_pre[m, j] = u_{ids[m, j]} · x_m for
 its J = h·k retrievals. The reference (`expert_dots_reference`, plain PyTorch, the CPU path) gathers
-the rows whole, u = w_in[ids] (M, h, k, C), then dots them. With `TRITON` set (off, see below),
+the rows whole, u = w_in[ids] (M, h, k, C), then dots them. With `TRITON` set (GPT_TRITON=1),
 `expert_dots` runs two kernels instead (`ExpertDots`): forward, one program per (token, BLOCK_J
 retrievals) reads x_m and the rows block by block over C and accumulates the dots in fp32;
 backward, one program per (token, BLOCK_C columns) reads the rows again for
@@ -46,9 +46,9 @@ for). Both paths dot in fp32 (the table's dtype), autocast or not. At the bench 
 so 19.3 GB less, about 5.8 ms at the H100's 3.35 TB/s, and u (4.83 GB) is no longer held from
 forward to backward. The kernels are checked against the reference under Triton's CPU interpreter
 (fp32) and built for the H100 (sm_90a, BLOCK_J 16, BLOCK_C 256, 4 warps: 78 and 76 registers a
-thread, no spills, 16-byte loads and atomic adds) by tests/test_peer.py. On an H100 (2026-12-07)
-their GPU test FAILED, for a reason the run's output did not show; until that is found they stay
-off on a GPU (GPT_TRITON=1 leaves them off) and their speed is not measured.
+thread, no spills, 16-byte loads and atomic adds) by tests/test_peer.py, and on an H100 they equal
+the reference, eager and compiled (2026-12-08). Like the repo's other kernels they are opt-in
+(GPT_TRITON=1) until their speed is measured.
 
 Config: ffn="peer", moe_every, peer_keys (n), peer_key_sets (d), peer_key_dim, peer_heads,
 peer_topk; activation (as the MLP's).
@@ -73,10 +73,9 @@ except ImportError:  # the PyTorch reference serves
 DOTS_BLOCK_J, DOTS_BLOCK_C, DOTS_WARPS = 16, 256, 4
 # Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported) runs the kernels on CPU tensors
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The Triton kernels serve CUDA tensors only when TRITON is True. Not even GPT_TRITON=1 sets it: on
-# the H100 their GPU test (tests/test_peer.py) FAILED on 2026-12-07, cause not yet known (the CPU
-# interpreter agrees with the reference at the bench shape), so the PyTorch path serves there.
-TRITON = False
+# The Triton kernels serve CUDA tensors only when TRITON is set (environment: GPT_TRITON=1); the
+# PyTorch path serves otherwise.
+TRITON = os.environ.get("GPT_TRITON") == "1"
 
 
 def product_key_topk(q, keys, k):
