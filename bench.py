@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from gpt import attention, config as cfg
+from gpt import attention, config as cfg, moe
 from gpt.generate import generate
 from gpt.model import GPT, compile_model, graph_step, peak_flops
 from gpt.optim import make_optimizer
@@ -124,6 +124,7 @@ ROWS = {
     "gpt2-moe-graph": {**GPT2, **MOE, **GRAPH},
     "gpt2-moe-16-graph": {**GPT2, **MOE16, **GRAPH},
     "gpt2-moe-8-graph": {**GPT2, **MOE8, **GRAPH},
+    "gpt2-moe-8-nk-graph": {**GPT2, **MOE8, **GRAPH, "grouped_layout": "nk"},  # experts' weights d_in-contiguous
     "gpt2-peer": {**GPT2, "ffn": "peer", "moe_every": 12, "slow": True, "quick": {"peer_keys": 32}},
     # one optimizer step per 40 micro-batches, as the gpt2-124m preset trains: PEER's per-step cost
     # (AdamW, zeroing and clipping 1.6 B parameters: RESULTS.md, eighth session) spread over 40
@@ -174,6 +175,7 @@ KNOBS = {
     "decode_at": None,  # (context, batch): decode timing there instead, cached only (bench_decode_at)
     "quick": {},        # overrides of QUICK for this row under --quick (e.g. sizes a concept needs)
     "window_kernel": None,  # None (attention.WINDOW_KERNEL as set) | "flash_split" | "flex" | "chunked" | "mask"
+    "grouped_layout": None,  # None (moe.GROUPED_LAYOUT as set) | "kn" | "nk": the experts' weights in the grouped GEMM
 }
 
 # --quick: tiny sizes on the CPU, so that every row's code path runs in a test in seconds.
@@ -370,9 +372,10 @@ def bench_decode_at(mc, device, n_new, context, batch, compile=False):
 def run_row(name, row, args, device, peak):
     overrides, knobs = split_row(row, args.quick)
     result = {"row": name, "overrides": {k: v for k, v in row.items() if k != "quick"}}
-    default_window_kernel = attention.WINDOW_KERNEL
+    default_window_kernel, default_layout = attention.WINDOW_KERNEL, moe.GROUPED_LAYOUT
     try:
         attention.WINDOW_KERNEL = knobs["window_kernel"] or default_window_kernel
+        moe.GROUPED_LAYOUT = knobs["grouped_layout"] or default_layout
         mc, tc = cfg.build(None, overrides)
         if not args.decode_only:
             result.update(bench_train(mc, tc, knobs, device, args.steps, args.warmup, peak, args.profile))
@@ -384,7 +387,7 @@ def run_row(name, row, args, device, peak):
     except Exception as e:  # one row's failure (OOM, a missing kernel) must not end the table
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     finally:
-        attention.WINDOW_KERNEL = default_window_kernel
+        attention.WINDOW_KERNEL, moe.GROUPED_LAYOUT = default_window_kernel, default_layout
         gc.collect()
         torch._dynamo.reset()
         if torch.cuda.is_available():

@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_check.sh                  # all parts: pytest bench train bpe
 #   bash bench/gpu_check.sh pytest bpe       # only some parts (pytest, bench, train, bpe, and
-#                                            # modflops, kernels, which the default leaves out)
+#                                            # modflops, kernels, peer, moe, which the default
+#                                            # leaves out)
 #
 # Needs: python3 with torch (CUDA), numpy, tqdm, matplotlib, tiktoken; pytest for the tests
 # (carried wheels on PYTHONPATH); tiny shakespeare as text at $DATA_TXT or one of the paths below.
@@ -145,6 +146,21 @@ if [[ $PARTS == *" kernels "* ]]; then
     --rows ctx8k-samba,gpt2-fused-ce --json "$OUT/kernels_triton.json" ${BENCH_ARGS:-}
 fi
 
+# --- PEER (issue 6): its kernels on and off, and dense vs PEER at nanoGPT's GPT-2 accumulation (40) ---
+if [[ $PARTS == *" peer "* ]]; then
+  step peer-triton 150 env GPT_TRITON=1 $PY bench.py --no-decode --steps 10 --warmup 3 --rows gpt2-peer \
+    --json "$LOGS/peer_triton.json" ${BENCH_ARGS:-}
+  step peer-torch 120 $PY bench.py --no-decode --steps 10 --warmup 3 --rows gpt2-peer --json "$LOGS/peer_torch.json" ${BENCH_ARGS:-}
+  step accum40 200 env GPT_TRITON=1 $PY bench.py --no-decode --steps 3 --warmup 1 \
+    --rows gpt2-peer-accum40,gpt2-accum40 --json "$LOGS/accum40.json" ${BENCH_ARGS:-}
+fi
+
+# --- MoE-8 (issue 6): the experts' weights as stored and d_in-contiguous in the grouped GEMM --------
+if [[ $PARTS == *" moe "* ]]; then
+  step moe 200 $PY bench.py --no-decode --steps 20 --warmup 4 --rows gpt2-moe-8-graph,gpt2-moe-8-nk-graph,gpt2-graph \
+    --json "$LOGS/moe.json" ${BENCH_ARGS:-}
+fi
+
 # --- speed table -----------------------------------------------------------------------------------
 if [[ $PARTS == *" bench "* ]]; then
   step bench 200 $PY bench.py ${BENCH_ARGS:-} --json "$OUT/bench.json" --budget-s "${BENCH_BUDGET:-150}"
@@ -196,7 +212,7 @@ tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
   printf '%s\n' "${SUMMARY[@]}"
   [ -f "$LOGS/pytest.log" ] && echo "pytest: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/pytest.log" | tail -1)"
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
-  for k in kernels-torch kernels-triton; do
+  for k in kernels-torch kernels-triton peer-triton peer-torch accum40 moe; do
     [ -f "$LOGS/$k.log" ] && { echo "--- $k"; sed -n '/^| row/,$p' "$LOGS/$k.log"; }
   done
   [ -f "$LOGS/modflops.log" ] && cat "$LOGS/modflops.log"

@@ -157,6 +157,13 @@ class Dispatch:
         return torch.empty_like(ys).index_copy_(0, self.order, ys).view(self.N, self.k, -1)
 
 
+# How expert_matmul hands the experts' weights (E, d_in, d_out) to the grouped GEMM: "kn" as stored
+# (d_out contiguous), or "nk", written transposed by the bf16 cast (d_in contiguous: the layout that
+# nn.Linear's (out, in) weights give, and the one PyTorch's grouped_mm documentation shows for MoE).
+# bench.py's rows gpt2-moe-8-graph and gpt2-moe-8-nk-graph time the two (bench/RESULTS.md).
+GROUPED_LAYOUT = "kn"
+
+
 def grouped_mm_ok(x, w):
     """Whether `torch._grouped_mm` can take x (M, d_in) and w (E, d_in, d_out): CUDA, bf16 (or bf16
     autocast), and rows of 16-byte multiples (8 bf16 values), as its kernel requires."""
@@ -174,7 +181,10 @@ def expert_matmul(xs, w, counts, grouped=None):
         grouped = grouped_mm_ok(xs, w)
     if grouped:
         offs = counts.cumsum(0).to(torch.int32)  # (E,): end row of each expert's block
-        return torch._grouped_mm(xs.to(torch.bfloat16), w.to(torch.bfloat16), offs=offs)
+        wb = w.to(torch.bfloat16)  # (E, d_in, d_out)
+        if GROUPED_LAYOUT == "nk":
+            wb = wb.mT.contiguous().mT  # the same (E, d_in, d_out), d_in contiguous (compiled: one copy with the cast)
+        return torch._grouped_mm(xs.to(torch.bfloat16), wb, offs=offs)
     blocks = torch.split(xs, counts.tolist())  # host sync: the reference path
     return torch.cat([b @ w[e].to(b.dtype) for e, b in enumerate(blocks)])  # (M, d_out)
 

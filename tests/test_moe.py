@@ -75,7 +75,13 @@ def test_loop_path_equals_dense_per_token_computation():
     torch.testing.assert_close(y.view(-1, 32), ref, rtol=1e-5, atol=1e-6)
 
 
-def _grouped_vs_loop(device):
+def _grouped_vs_loop(device, monkeypatch):
+    for layout in ("kn", "nk"):  # the weights handed to the grouped GEMM as stored, and d_in-contiguous
+        monkeypatch.setattr(moe, "GROUPED_LAYOUT", layout)
+        _grouped_vs_loop_once(device)
+
+
+def _grouped_vs_loop_once(device):
     torch.manual_seed(0)
     E, M, d_in, d_out = 8, 300, 64, 96
     counts = torch.bincount(torch.randint(0, E - 2, (M,)), minlength=E).to(device)  # 2 experts empty
@@ -93,18 +99,18 @@ def _grouped_vs_loop(device):
 
 
 @gpu
-def test_grouped_gemm_equals_loop_gpu():
-    _grouped_vs_loop("cuda")
+def test_grouped_gemm_equals_loop_gpu(monkeypatch):
+    _grouped_vs_loop("cuda", monkeypatch)
 
 
-def test_grouped_gemm_equals_loop_cpu_when_available():
+def test_grouped_gemm_equals_loop_cpu_when_available(monkeypatch):
     """torch._grouped_mm also has a CPU kernel in recent PyTorch: check the same path there."""
     try:
         torch._grouped_mm(torch.zeros(8, 8, dtype=torch.bfloat16), torch.zeros(1, 8, 8, dtype=torch.bfloat16),
                           offs=torch.tensor([8], dtype=torch.int32))
     except (AttributeError, RuntimeError, NotImplementedError):
         pytest.skip("torch._grouped_mm has no CPU kernel in this PyTorch")
-    _grouped_vs_loop("cpu")
+    _grouped_vs_loop("cpu", monkeypatch)
 
 
 @gpu
