@@ -138,12 +138,15 @@ if [[ $PARTS == *" modflops "* ]]; then
     --title "GPT-2-124M shape: MoD vs dense at equal training FLOPs" >> "$LOGS/modflops.log" 2>&1
 fi
 
-# --- the opt-in Triton kernels (GPT_TRITON=1) against PyTorch's path, same rows, same call -----------
+# --- the opt-in Triton kernels (GPT_TRITON=1) against PyTorch's path, same rows, same call; and the
+# bf16 residual stream against fp32 (issue 10)
 if [[ $PARTS == *" kernels "* ]]; then
   step kernels-torch 150 $PY bench.py --no-decode --steps 15 --warmup 3 --rows ctx8k-samba,gpt2-fused-ce \
     --json "$OUT/kernels_torch.json" ${BENCH_ARGS:-}
   step kernels-triton 150 env GPT_TRITON=1 $PY bench.py --no-decode --steps 15 --warmup 3 \
     --rows ctx8k-samba,gpt2-fused-ce --json "$OUT/kernels_triton.json" ${BENCH_ARGS:-}
+  step bf16-stream 150 $PY bench.py --no-decode --steps 20 --warmup 4 --rows gpt2-graph,gpt2-bf16-stream-graph \
+    --json "$LOGS/bf16_stream.json" ${BENCH_ARGS:-}  # residual_fp32=false (issue 10)
 fi
 
 # --- PEER (issue 6): its kernels on and off, and dense vs PEER at nanoGPT's GPT-2 accumulation (40) ---
@@ -212,7 +215,7 @@ tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
   printf '%s\n' "${SUMMARY[@]}"
   [ -f "$LOGS/pytest.log" ] && echo "pytest: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/pytest.log" | tail -1)"
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
-  for k in kernels-torch kernels-triton peer-triton peer-torch accum40 moe; do
+  for k in kernels-torch kernels-triton bf16-stream peer-triton peer-torch accum40 moe; do
     [ -f "$LOGS/$k.log" ] && { echo "--- $k"; sed -n '/^| row/,$p' "$LOGS/$k.log"; }
   done
   [ -f "$LOGS/modflops.log" ] && cat "$LOGS/modflops.log"
