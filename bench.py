@@ -175,7 +175,7 @@ KNOBS = {
     "decode_at": None,  # (context, batch): decode timing there instead, cached only (bench_decode_at)
     "quick": {},        # overrides of QUICK for this row under --quick (e.g. sizes a concept needs)
     "window_kernel": None,  # None (attention.WINDOW_KERNEL as set) | "flash_split" | "flex" | "chunked" | "mask"
-    "grouped_layout": None,  # None (moe.GROUPED_LAYOUT as set) | "kn" | "nk": the experts' weights in the grouped GEMM
+    "grouped_layout": None,  # None (moe.GROUPED_LAYOUT as set) | "kn" | "nk": experts' weights, grouped GEMM
 }
 
 # --quick: tiny sizes on the CPU, so that every row's code path runs in a test in seconds.
