@@ -182,7 +182,7 @@ def expert_matmul(xs, w, counts, grouped=None):
     if grouped:
         offs = counts.cumsum(0).to(torch.int32)  # (E,): end row of each expert's block
         wb = w.to(torch.bfloat16)  # (E, d_in, d_out)
-        if GROUPED_LAYOUT == "nk":  # the same (E, d_in, d_out), d_in contiguous (compiled: fused with the cast)
+        if GROUPED_LAYOUT == "nk":  # the same (E, d_in, d_out), d_in contiguous: one more copy of the weights
             wb = wb.mT.contiguous().mT
         return torch._grouped_mm(xs.to(torch.bfloat16), wb, offs=offs)
     blocks = torch.split(xs, counts.tolist())  # host sync: the reference path
