@@ -11,7 +11,8 @@
 # Needs: python3 with torch (CUDA), numpy, tqdm, matplotlib, tiktoken; pytest for the tests
 # (carried wheels on PYTHONPATH); tiny shakespeare as text at $DATA_TXT or one of the paths below.
 # Results go to $OUT (default bench/out): summary.txt, bench.md, bench.json, speedrun_loss.png,
-# muon_vs_adamw.png, logs.tar.gz (every log, log.jsonl, loss.png and config.json).
+# muon_vs_adamw.png, gpt2_mod_vs_dense_flops.png, logs.tar.gz (every log, log.jsonl, loss.png and
+# config.json, and the other parts' bench JSON): 7 files at most, under the device tool's 8.
 # A dry run of the script's logic on a CPU, in a minute or two:
 #   OUT=/tmp/gc BENCH_ARGS="--quick --rows gpt2,speedrun" TRAIN_ARGS="--device cpu --max_iters 20
 #   --eval_interval 10 --n_layer 2 --n_head 2 --n_embd 64 --block_size 64" bash bench/gpu_check.sh
@@ -142,9 +143,9 @@ fi
 # bf16 residual stream against fp32 (issue 10)
 if [[ $PARTS == *" kernels "* ]]; then
   step kernels-torch 150 $PY bench.py --no-decode --steps 15 --warmup 3 --rows ctx8k-samba,gpt2-fused-ce \
-    --json "$OUT/kernels_torch.json" ${BENCH_ARGS:-}
+    --json "$LOGS/kernels_torch.json" ${BENCH_ARGS:-}
   step kernels-triton 150 env GPT_TRITON=1 $PY bench.py --no-decode --steps 15 --warmup 3 \
-    --rows ctx8k-samba,gpt2-fused-ce --json "$OUT/kernels_triton.json" ${BENCH_ARGS:-}
+    --rows ctx8k-samba,gpt2-fused-ce --json "$LOGS/kernels_triton.json" ${BENCH_ARGS:-}
   step bf16-stream 150 $PY bench.py --no-decode --steps 20 --warmup 4 --rows gpt2-graph,gpt2-bf16-stream-graph \
     --json "$LOGS/bf16_stream.json" ${BENCH_ARGS:-}  # residual_fp32=false (issue 10)
 fi
@@ -153,15 +154,16 @@ fi
 if [[ $PARTS == *" peer "* ]]; then
   step peer-triton 150 env GPT_TRITON=1 $PY bench.py --no-decode --steps 10 --warmup 3 --rows gpt2-peer \
     --json "$LOGS/peer_triton.json" ${BENCH_ARGS:-}
-  step peer-torch 120 $PY bench.py --no-decode --steps 10 --warmup 3 --rows gpt2-peer --json "$LOGS/peer_torch.json" ${BENCH_ARGS:-}
+  step peer-torch 120 $PY bench.py --no-decode --steps 10 --warmup 3 --rows gpt2-peer \
+    --json "$LOGS/peer_torch.json" ${BENCH_ARGS:-}
   step accum40 200 env GPT_TRITON=1 $PY bench.py --no-decode --steps 3 --warmup 1 \
     --rows gpt2-peer-accum40,gpt2-accum40 --json "$LOGS/accum40.json" ${BENCH_ARGS:-}
 fi
 
 # --- MoE-8 (issue 6): the experts' weights as stored and d_in-contiguous in the grouped GEMM --------
 if [[ $PARTS == *" moe "* ]]; then
-  step moe 200 $PY bench.py --no-decode --steps 20 --warmup 4 --rows gpt2-moe-8-graph,gpt2-moe-8-nk-graph,gpt2-graph \
-    --json "$LOGS/moe.json" ${BENCH_ARGS:-}
+  step moe 200 $PY bench.py --no-decode --steps 20 --warmup 4 \
+    --rows gpt2-moe-8-graph,gpt2-moe-8-nk-graph,gpt2-graph --json "$LOGS/moe.json" ${BENCH_ARGS:-}
 fi
 
 # --- speed table -----------------------------------------------------------------------------------
